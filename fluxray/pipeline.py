@@ -1,0 +1,151 @@
+"""In-process generation: text encoding -> noise -> denoising -> VAE decode, for the CLI,
+the tests, the benchmarks and the offline job. Serve deployments run the same stages apart."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import torch
+
+import fluxray
+from fluxray.images import encode_image
+from fluxray.params import GenerationParams
+from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise, latent_size
+from fluxray.sources import ModelSource, load_transformer, resolve_model
+from fluxray.text_encoding import TextEncoder
+from fluxray.vae import VAEDecoder
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`auto`/None means CUDA when there is a GPU, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (what FLUX.1 was released in), float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class GeneratedImage:
+    """One image: its pixels, the seed that made it and the resolved request."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8
+    seed: int
+    index: int  # position within its request (seed = request seed + index)
+    params: GenerationParams
+    model: str
+
+    def metadata(self) -> dict[str, Any]:
+        """Every parameter needed to make this image again (no timestamps: same inputs, same bytes)."""
+        p = self.params
+        return {
+            "model": self.model,
+            "prompt": p.prompt,
+            "prompt_2": p.prompt_2,
+            "negative_prompt": p.negative_prompt,
+            "seed": self.seed,
+            "width": p.width,
+            "height": p.height,
+            "num_inference_steps": p.num_inference_steps,
+            "guidance_scale": p.guidance_scale,
+            "guidance_scale_end": p.guidance_scale_end,
+            "true_cfg_scale": p.true_cfg_scale,
+            "sampler": "flow-match-euler",
+            "fluxray_version": fluxray.__version__,
+        }
+
+    def encode(self, fmt: str | None = None) -> bytes:
+        return encode_image(self.pixels, fmt or self.params.output_format, self.metadata())
+
+
+class Pipeline:
+    """All three stages in one process."""
+
+    def __init__(self, source: ModelSource, text_encoder: TextEncoder, transformer, decoder: VAEDecoder):
+        self.source = source
+        self.text_encoder = text_encoder
+        self.transformer = transformer
+        self.decoder = decoder
+
+    @classmethod
+    def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+        source = resolve_model(model)
+        dev = pick_device(device)
+        dtype = dtype or default_dtype(dev)
+        return cls(
+            source,
+            TextEncoder.load(source, dev, dtype),
+            load_transformer(source, dev, dtype),
+            VAEDecoder.load(source, dev, dtype),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def generate(
+        self,
+        requests: GenerationParams | Sequence[GenerationParams],
+        on_step: Callable[[], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Generate every image of every request; requests of one size share each transformer call.
+
+        Returns the images request by request, in order. on_step is called after each batched step.
+        """
+        if isinstance(requests, GenerationParams):
+            requests = [requests]
+        resolved = [r.resolve(self.source.spec) for r in requests]
+        results: dict[int, list[GeneratedImage]] = {}
+        order = sorted(range(len(resolved)), key=lambda i: (resolved[i].height, resolved[i].width))
+        for (height, width), group in groupby(order, key=lambda i: (resolved[i].height, resolved[i].width)):
+            indices = list(group)
+            for i, images in zip(indices, self._generate_same_size([resolved[i] for i in indices], on_step)):
+                results[i] = images
+        return [image for i in range(len(resolved)) for image in results[i]]
+
+    def _generate_same_size(self, requests: list[GenerationParams], on_step) -> list[list[GeneratedImage]]:
+        height, width = requests[0].height, requests[0].width
+        prompts = [r.prompt for r in requests]
+        embeds = self.text_encoder.encode(prompts, [r.prompt_2 for r in requests]).to(self.device, self.dtype)
+        cfg = [i for i, r in enumerate(requests) if r.do_true_cfg]
+        negatives = None
+        if cfg:
+            negatives = self.text_encoder.encode([requests[i].negative_prompt for i in cfg]).to(self.device, self.dtype)
+        h, w = latent_size(height, width, self.decoder.scale_factor)
+        seq_len = (h // 2) * (w // 2)
+        tasks = []
+        for i, r in enumerate(requests):
+            noise = torch.cat([initial_noise(s, height, width, self.dtype) for s in r.image_seeds()])
+            repeat = [i] * r.n
+            negative = negatives.select([cfg.index(i)] * r.n) if i in cfg else None
+            tasks.append(
+                DenoiseTask(
+                    latents=noise.to(self.device),
+                    embeds=embeds.select(repeat),
+                    sigmas=flow_sigmas(r.num_inference_steps, seq_len, self.source.spec.scheduler),
+                    guidance=r.guidance_per_step(),
+                    negative=negative,
+                    true_cfg_scale=r.true_cfg_scale,
+                )
+            )
+        denoise(self.transformer, tasks, height, width, on_step)
+        pixels = self.decoder.decode(torch.cat([t.latents for t in tasks]), height, width).numpy()
+        out, row = [], 0
+        for r in requests:
+            images = []
+            for k, seed in enumerate(r.image_seeds()):
+                images.append(GeneratedImage(pixels[row], seed, k, r, self.source.name))
+                row += 1
+            out.append(images)
+        return out

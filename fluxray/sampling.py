@@ -1,0 +1,209 @@
+"""Flow-matching sampling for FLUX: noise from seeds, the shifted sigma schedule, and Euler steps.
+
+The step function works on a batch of independent `DenoiseTask`s, each with its own seed,
+sigma schedule, step index, guidance schedule and true-CFG scale, so a scheduler can run
+requests together that joined at different times. Every formula follows diffusers'
+FluxPipeline and FlowMatchEulerDiscreteScheduler so that images match it pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fluxray.text_encoding import PromptEmbeds
+
+LATENT_CHANNELS = 16
+
+
+def latent_size(height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:
+    """Latent height and width (before 2x2 packing) of an image."""
+    return 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4): 2x2 latent patches become tokens."""
+    b, c, h, w = latents.shape
+    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int = 8) -> torch.Tensor:
+    """Inverse of pack_latents for an image of height x width pixels."""
+    b, _, channels = latents.shape
+    h, w = latent_size(height, width, vae_scale_factor)
+    latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, h, w)
+
+
+def initial_noise(
+    seed: int, height: int, width: int, dtype: torch.dtype = torch.float32, vae_scale_factor: int = 8
+) -> torch.Tensor:
+    """Packed initial latents (1, seq, 64) exactly as FluxPipeline draws them with
+    generator=torch.Generator("cpu").manual_seed(seed): on the CPU, in the model's dtype."""
+    h, w = latent_size(height, width, vae_scale_factor)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, LATENT_CHANNELS, h, w), generator=generator, device="cpu", dtype=dtype)
+    return pack_latents(noise)
+
+
+def image_ids(height: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Positional ids (seq, 3) of the packed image tokens: (0, row, column)."""
+    h, w = latent_size(height, width)
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def text_ids(sequence_length: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Positional ids (L, 3) of the text tokens: all zeros in FLUX.1."""
+    return torch.zeros(sequence_length, 3, device=device, dtype=dtype)
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float):
+    """mu of the resolution-dependent shift: linear in the number of image tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+@functools.lru_cache(maxsize=512)
+def _flow_sigmas_cached(num_steps: int, image_seq_len: int, scheduler_json: str) -> torch.Tensor:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = json.loads(scheduler_json)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    # The scheduler itself applies the shift, so FLUX.1-dev (dynamic) and schnell (static)
+    # schedules come out exactly as diffusers computes them.
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.to(torch.float32)
+
+
+def flow_sigmas(num_steps: int, image_seq_len: int, scheduler_config: dict) -> torch.Tensor:
+    """The num_steps + 1 sigmas (1 -> 0) of a request, float32 on the CPU."""
+    return _flow_sigmas_cached(num_steps, image_seq_len, json.dumps(scheduler_config, sort_keys=True)).clone()
+
+
+@dataclass
+class DenoiseTask:
+    """The denoising state of one request: n images sharing prompt, size and schedule."""
+
+    latents: torch.Tensor  # (n, seq, 64) packed, in the model's dtype and device
+    embeds: PromptEmbeds  # n rows
+    sigmas: torch.Tensor  # (steps + 1,) float32
+    guidance: Sequence[float]  # one value per step
+    negative: PromptEmbeds | None = None  # n rows; true CFG when set and true_cfg_scale > 1
+    true_cfg_scale: float = 1.0
+    step: int = 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.num_steps
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.negative is not None and self.true_cfg_scale > 1.0
+
+
+@torch.inference_mode()
+def denoise_step(
+    transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tensor, txt_ids: torch.Tensor
+) -> None:
+    """Advance every unfinished task by one Euler step with one batched transformer call.
+
+    All tasks must share the image size (img_ids) and text length (txt_ids). Rows of tasks
+    using true CFG are evaluated twice in the same call, once with the negative prompt.
+    """
+    active = [t for t in tasks if not t.done]
+    if not active:
+        return
+    dtype = active[0].latents.dtype
+    device = active[0].latents.device
+    latents = torch.cat([t.latents for t in active])
+    counts = [t.latents.shape[0] for t in active]
+
+    def per_row(values: Sequence[float], which: Sequence[DenoiseTask]) -> torch.Tensor:
+        rows = [v for t, v in zip(which, values) for _ in range(t.latents.shape[0])]
+        return torch.tensor(rows, dtype=torch.float32)
+
+    sigma = per_row([float(t.sigmas[t.step]) for t in active], active)
+    sigma_next = per_row([float(t.sigmas[t.step + 1]) for t in active], active)
+    guidance = per_row([t.guidance[t.step] for t in active], active)
+    embeds = [t.embeds for t in active]
+
+    cfg = [t for t in active if t.uses_cfg]
+    hidden = latents
+    if cfg:
+        hidden = torch.cat([latents, *[t.latents for t in cfg]])
+        sigma_in = torch.cat([sigma, per_row([float(t.sigmas[t.step]) for t in cfg], cfg)])
+        guidance_in = torch.cat([guidance, per_row([t.guidance[t.step] for t in cfg], cfg)])
+        embeds = embeds + [t.negative for t in cfg]
+    else:
+        sigma_in, guidance_in = sigma, guidance
+    cond = PromptEmbeds.cat(embeds)
+
+    # FluxPipeline passes timestep t/1000 with t = sigma*1000 cast to the latents' dtype.
+    timestep = (sigma_in * 1000).to(dtype).to(device) / 1000
+    use_guidance = transformer.config.guidance_embeds
+    velocity = transformer(
+        hidden_states=hidden,
+        timestep=timestep,
+        guidance=guidance_in.to(device) if use_guidance else None,
+        pooled_projections=cond.pooled,
+        encoder_hidden_states=cond.sequence,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+
+    if cfg:
+        positive, negative_rows = velocity[: latents.shape[0]], velocity[latents.shape[0] :]
+        parts = list(positive.split(counts))
+        offset = 0
+        for t in cfg:
+            i = active.index(t)
+            neg = negative_rows[offset : offset + counts[i]]
+            parts[i] = neg + t.true_cfg_scale * (parts[i] - neg)
+            offset += counts[i]
+        velocity = torch.cat(parts)
+
+    # As the scheduler does: the step dt * v is rounded to the model's dtype, the sum made in float32.
+    dt = (sigma_next - sigma).to(device)[:, None, None]
+    step = (dt * velocity.to(torch.float32)).to(velocity.dtype)
+    updated = (latents.to(torch.float32) + step).to(velocity.dtype)
+    for t, new in zip(active, updated.split(counts)):
+        t.latents = new
+        t.step += 1
+
+
+def denoise(
+    transformer,
+    tasks: Sequence[DenoiseTask],
+    height: int,
+    width: int,
+    on_step: Callable[[], None] | None = None,
+) -> None:
+    """Run denoise_step until every task is done (tasks of different lengths finish apart)."""
+    first = tasks[0]
+    img = image_ids(height, width, first.latents.device, first.embeds.sequence.dtype)
+    txt = text_ids(first.embeds.sequence.shape[1], first.latents.device, first.embeds.sequence.dtype)
+    while not all(t.done for t in tasks):
+        denoise_step(transformer, tasks, img, txt)
+        if on_step is not None:
+            on_step()

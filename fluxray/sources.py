@@ -1,0 +1,253 @@
+"""Where a model's weights come from, and loading each stage's components from there.
+
+One resolver (`resolve_model`) turns what a user typed into a `ModelSource`:
+
+- nothing, or ``tiny``: the embedded tiny model shipped inside this package;
+- ``random:<spec>``: the spec's architecture with fixed-seed random weights (benchmarks);
+- ``flux-dev`` / ``flux-schnell`` or a repo id such as ``black-forest-labs/FLUX.1-dev``: the
+  Hugging Face cache, offline only (fluxray never downloads);
+- a diffusers-layout directory (``model_index.json`` + component folders);
+- a BFL single-file transformer checkpoint (``flux1-dev.safetensors``) with ``ae.safetensors``
+  beside it, the text encoders coming from a diffusers layout in the same folder or the HF cache.
+
+Weights are safetensors only. Each `load_*` function loads only its own components, so a
+process that runs one stage holds only that stage's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fluxray.specs import SPECS, ModelSpec, get_spec
+
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SPEC_MARKER = "fluxray_spec.json"
+
+
+class ModelSourceError(ValueError):
+    """The model named cannot be found or used; the message says why and what to do."""
+
+
+class UnsafeCheckpointError(ModelSourceError):
+    """A pickle-based checkpoint was offered where only safetensors are accepted."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its spec and where each component's weights live."""
+
+    spec: ModelSpec
+    kind: Literal["diffusers", "single-file", "random"]
+    # Diffusers layout holding the tokenizers and text encoders (and, for kind "diffusers",
+    # the transformer and VAE too). For "random" it is the tiny model, for its tokenizers.
+    root: Path
+    transformer_file: Path | None = None
+    vae_file: Path | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "random":
+            return f"random:{self.spec.name}"
+        return self.spec.name
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return f"{self.name} (random weights)"
+        if self.kind == "single-file":
+            return f"{self.spec.name} from {self.transformer_file} + {self.vae_file}"
+        return f"{self.spec.name} from {self.root}"
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise UnsafeCheckpointError for a pickle checkpoint: loading one can run arbitrary code."""
+    raise UnsafeCheckpointError(
+        f"refusing to load {path}: it is a pickle checkpoint ({path.suffix}), and unpickling can run "
+        "arbitrary code; fluxray loads safetensors only (convert it with safetensors.torch.save_file)"
+    )
+
+
+def _check_safetensors_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ModelSourceError(f"model component folder {folder} does not exist")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise ModelSourceError(f"no .safetensors weights in {folder}")
+
+
+def _spec_of_diffusers_dir(root: Path, default: ModelSpec | None) -> ModelSpec:
+    marker = root / _SPEC_MARKER
+    if marker.is_file():
+        return get_spec(json.loads(marker.read_text())["spec"])
+    if default is not None:
+        return default
+    config = root / "transformer" / "config.json"
+    if config.is_file() and not json.loads(config.read_text()).get("guidance_embeds", False):
+        return SPECS["flux-schnell"]
+    return SPECS["flux-dev"]
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        raise ModelSourceError(
+            f"{repo_id} is not in the local Hugging Face cache and fluxray never downloads at run time; "
+            f"fetch it beforehand (huggingface-cli download {repo_id}) or pass a local directory"
+        ) from e
+
+
+def _single_file_source(transformer_file: Path, spec: ModelSpec | None) -> ModelSource:
+    if transformer_file.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(transformer_file)
+    vae_file = transformer_file.parent / "ae.safetensors"
+    if not vae_file.is_file():
+        raise ModelSourceError(f"single-file checkpoint {transformer_file} needs ae.safetensors beside it")
+    if spec is None:
+        spec = SPECS["flux-schnell"] if "schnell" in transformer_file.name.lower() else SPECS["flux-dev"]
+    folder = transformer_file.parent
+    if (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir():
+        root = folder
+        spec = _spec_of_diffusers_dir(folder, None) if (folder / _SPEC_MARKER).is_file() else spec
+    else:
+        root = _hf_cache_snapshot(spec.repo_id or "")
+    return ModelSource(spec=spec, kind="single-file", root=root, transformer_file=transformer_file, vae_file=vae_file)
+
+
+def resolve_model(model: str | None = None) -> ModelSource:
+    """Turn a model name, path or repo id into a ModelSource; ModelSourceError if it cannot be used."""
+    if model is None or model == "" or model == "tiny":
+        return ModelSource(spec=SPECS["tiny"], kind="diffusers", root=TINY_MODEL_DIR)
+    if model.startswith("random:"):
+        try:
+            spec = get_spec(model.removeprefix("random:"))
+        except ValueError as e:
+            raise ModelSourceError(str(e)) from None
+        return ModelSource(spec=spec, kind="random", root=TINY_MODEL_DIR)
+    if model.startswith("s3://"):
+        raise ModelSourceError(f"{model}: s3:// model sources are not supported yet; copy it to a local directory")
+    if model in SPECS:
+        spec = SPECS[model]
+        root = _hf_cache_snapshot(spec.repo_id or "")
+        return ModelSource(spec=spec, kind="diffusers", root=root)
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return _single_file_source(path.resolve(), None)
+        if path.suffix in PICKLE_SUFFIXES:
+            refuse_pickle(path)
+        raise ModelSourceError(f"{path} is not a model: expected a directory or a .safetensors checkpoint")
+    if path.is_dir():
+        path = path.resolve()
+        if (path / "model_index.json").is_file():
+            return ModelSource(spec=_spec_of_diffusers_dir(path, None), kind="diffusers", root=path)
+        singles = sorted(path.glob("flux1-*.safetensors"))
+        if singles:
+            return _single_file_source(singles[0], None)
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            refuse_pickle(pickles[0])
+        raise ModelSourceError(
+            f"{path} holds no FLUX model: expected model_index.json (diffusers layout) or flux1-*.safetensors"
+        )
+    if _REPO_ID.match(model) and not model.startswith((".", "/")):
+        root = _hf_cache_snapshot(model)
+        default = next((s for s in SPECS.values() if s.repo_id == model), None)
+        return ModelSource(spec=_spec_of_diffusers_dir(root, default), kind="diffusers", root=root)
+    known = ", ".join(["tiny", *[s for s in SPECS if s != "tiny"], "random:<spec>"])
+    raise ModelSourceError(f"unknown model {model!r}: not a path, a repo id or one of {known}")
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _random_weights(build, device: torch.device, dtype: torch.dtype):
+    # Built directly on the target device in the target dtype so that a 12B model never
+    # passes through fp32 host memory; the seed makes two builds identical.
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = build()
+    finally:
+        torch.set_default_dtype(previous)
+    return module.eval().requires_grad_(False)
+
+
+def load_tokenizers(source: ModelSource):
+    """The CLIP and T5 tokenizers (offline, from the source's diffusers layout)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip = CLIPTokenizer.from_pretrained(source.root / "tokenizer", local_files_only=True)
+    t5 = T5TokenizerFast.from_pretrained(source.root / "tokenizer_2", local_files_only=True)
+    return clip, t5
+
+
+def load_text_encoders(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(clip_tokenizer, clip_model, t5_tokenizer, t5_model) and nothing else."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    device = torch.device(device)
+    clip_tok, t5_tok = load_tokenizers(source)
+    if source.kind == "random":
+        clip = _random_weights(lambda: CLIPTextModel(CLIPTextConfig(**source.spec.clip)), device, dtype)
+        t5 = _random_weights(lambda: T5EncoderModel(T5Config(**source.spec.t5)), device, dtype)
+        return clip_tok, clip, t5_tok, t5
+    for folder in ("text_encoder", "text_encoder_2"):
+        _check_safetensors_folder(source.root / folder)
+    kwargs = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True}
+    clip = CLIPTextModel.from_pretrained(source.root / "text_encoder", **kwargs)
+    t5 = T5EncoderModel.from_pretrained(source.root / "text_encoder_2", **kwargs)
+    return clip_tok, clip.to(device).eval(), t5_tok, t5.to(device).eval()
+
+
+def load_transformer(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The FluxTransformer2DModel alone."""
+    from diffusers import FluxTransformer2DModel
+
+    device = torch.device(device)
+    if source.kind == "random":
+        return _random_weights(lambda: FluxTransformer2DModel(**source.spec.transformer), device, dtype)
+    if source.kind == "single-file":
+        from fluxray.single_file import load_bfl_transformer
+
+        return load_bfl_transformer(source.transformer_file, source.spec, device, dtype)
+    _check_safetensors_folder(source.root / "transformer")
+    model = FluxTransformer2DModel.from_pretrained(
+        source.root / "transformer", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return model.to(device).eval()
+
+
+def load_vae(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The AutoencoderKL alone."""
+    from diffusers import AutoencoderKL
+
+    device = torch.device(device)
+    if source.kind == "random":
+        return _random_weights(lambda: AutoencoderKL(**source.spec.vae), device, dtype)
+    if source.kind == "single-file":
+        from fluxray.single_file import load_bfl_vae
+
+        return load_bfl_vae(source.vae_file, source.spec, device, dtype)
+    _check_safetensors_folder(source.root / "vae")
+    model = AutoencoderKL.from_pretrained(
+        source.root / "vae", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return model.to(device).eval()

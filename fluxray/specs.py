@@ -1,0 +1,195 @@
+"""The registry of FLUX.1 model variants: architectures, scheduler configs and defaults.
+
+Values come from the published diffusers configs of black-forest-labs/FLUX.1-dev and
+FLUX.1-schnell (transformer/, vae/, text_encoder/, text_encoder_2/, scheduler/ config.json files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# FLUX.1-dev scheduler/scheduler_config.json: resolution-dependent ("dynamic") shift.
+_DEV_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+# FLUX.1-schnell: no shift at all (BFL's reference sampler calls get_schedule(..., shift=False)).
+_SCHNELL_SCHEDULER = {**_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+
+_FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+
+_FLUX_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+    "mid_block_add_attention": True,
+}
+
+# openai/clip-vit-large-patch14 text tower, as shipped in FLUX.1-*/text_encoder.
+_CLIP_L = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+# google/t5-v1_1-xxl encoder, as shipped in FLUX.1-*/text_encoder_2.
+_T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.1,
+    "is_encoder_decoder": True,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One FLUX.1 variant: what it is built from and how it samples by default."""
+
+    name: str
+    repo_id: str | None
+    default_steps: int
+    default_guidance: float
+    max_sequence_length: int
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip: dict[str, Any]
+    t5: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """Whether the transformer takes the distilled guidance embedding (dev) or not (schnell)."""
+        return bool(self.transformer["guidance_embeds"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+
+SPECS: dict[str, ModelSpec] = {
+    "flux-dev": ModelSpec(
+        name="flux-dev",
+        repo_id="black-forest-labs/FLUX.1-dev",
+        default_steps=28,
+        default_guidance=3.5,
+        max_sequence_length=512,
+        transformer=_FLUX_TRANSFORMER,
+        vae=_FLUX_VAE,
+        clip=_CLIP_L,
+        t5=_T5_XXL,
+        scheduler=_DEV_SCHEDULER,
+    ),
+    "flux-schnell": ModelSpec(
+        name="flux-schnell",
+        repo_id="black-forest-labs/FLUX.1-schnell",
+        default_steps=4,
+        default_guidance=0.0,
+        max_sequence_length=256,
+        transformer={**_FLUX_TRANSFORMER, "guidance_embeds": False},
+        vae=_FLUX_VAE,
+        clip=_CLIP_L,
+        t5=_T5_XXL,
+        scheduler=_SCHNELL_SCHEDULER,
+    ),
+    # The embedded model: the FLUX.1-dev structure at tiny widths. Its defaults are diffusers'
+    # FluxPipeline defaults (28 steps, guidance 3.5, T5 length 512) so that pipeline is its exact peer.
+    "tiny": ModelSpec(
+        name="tiny",
+        repo_id=None,
+        default_steps=28,
+        default_guidance=3.5,
+        max_sequence_length=512,
+        transformer={
+            **_FLUX_TRANSFORMER,
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "pooled_projection_dim": 32,
+            "axes_dims_rope": [4, 6, 6],
+        },
+        vae={
+            **_FLUX_VAE,
+            "block_out_channels": [8, 16, 16, 16],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 64,
+        },
+        clip={
+            **_CLIP_L,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "projection_dim": 32,
+            "vocab_size": 814,
+        },
+        t5={
+            **_T5_XXL,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "relative_attention_num_buckets": 8,
+            "relative_attention_max_distance": 32,
+            "vocab_size": 703,
+        },
+        scheduler=_DEV_SCHEDULER,
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec called `name`; a ValueError listing the known names otherwise."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown model spec {name!r}; known: {', '.join(SPECS)}") from None

@@ -1,0 +1,76 @@
+"""Prompt encoding: CLIP-L's pooled vector and T5-XXL's token sequence, as FluxPipeline makes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fluxray.sources import ModelSource, load_text_encoders
+
+
+@dataclass
+class PromptEmbeds:
+    """Encoded prompts: `pooled` (B, clip_dim) from CLIP, `sequence` (B, L, t5_dim) from T5."""
+
+    pooled: torch.Tensor
+    sequence: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        return PromptEmbeds(self.pooled.to(device, dtype), self.sequence.to(device, dtype))
+
+    def select(self, rows: Sequence[int]) -> PromptEmbeds:
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.pooled.device)
+        return PromptEmbeds(self.pooled.index_select(0, index), self.sequence.index_select(0, index))
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds(torch.cat([p.pooled for p in parts]), torch.cat([p.sequence for p in parts]))
+
+
+class TextEncoder:
+    """CLIP + T5 with their tokenizers; `encode` turns prompts into PromptEmbeds."""
+
+    def __init__(self, clip_tokenizer, clip, t5_tokenizer, t5, max_sequence_length: int):
+        self.clip_tokenizer, self.clip = clip_tokenizer, clip
+        self.t5_tokenizer, self.t5 = t5_tokenizer, t5
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> TextEncoder:
+        return cls(*load_text_encoders(source, device, dtype), source.spec.max_sequence_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.t5.device
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[str], prompts_2: Sequence[str | None] | None = None) -> PromptEmbeds:
+        """Encode prompts; prompts_2[i] (if given and not None) replaces prompts[i] for T5."""
+        prompts = list(prompts)
+        t5_prompts = [p2 if p2 is not None else p for p, p2 in zip(prompts, prompts_2 or [None] * len(prompts))]
+        # Both tokenizers pad to a fixed length and the encoders get no attention mask,
+        # exactly as FluxPipeline does: FLUX was trained on such padded sequences.
+        clip_ids = self.clip_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = self.clip(clip_ids.to(self.clip.device), output_hidden_states=False).pooler_output
+        t5_ids = self.t5_tokenizer(
+            t5_prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        sequence = self.t5(t5_ids.to(self.t5.device), output_hidden_states=False)[0]
+        return PromptEmbeds(pooled=pooled.to(self.clip.dtype), sequence=sequence.to(self.t5.dtype))

@@ -1,0 +1,32 @@
+"""VAE decoding: packed latents to 8-bit RGB pixels, as FluxPipeline's postprocess makes them."""
+
+from __future__ import annotations
+
+import torch
+
+from fluxray.sampling import unpack_latents
+from fluxray.sources import ModelSource, load_vae
+
+
+class VAEDecoder:
+    """The FLUX autoencoder's decoder half, turning packed latents into uint8 images."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> VAEDecoder:
+        return cls(load_vae(source, device, dtype))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, seq, 64) packed latents -> (B, height, width, 3) uint8 on the CPU."""
+        config = self.vae.config
+        latents = unpack_latents(latents, height, width, self.scale_factor)
+        latents = latents / config.scaling_factor + config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
+        return (image * 255).round().to(torch.uint8)

@@ -1,0 +1,159 @@
+"""Regenerate the embedded tiny FLUX model in fluxray/tiny_model/ (diffusers layout).
+
+    python scripts/make_tiny_model.py
+
+Real FLUX.1 architecture classes at tiny widths (fluxray.specs.SPECS["tiny"]), fixed-seed random
+weights, and small tokenizers trained here on a fixed corpus so that they load offline. The output is
+deterministic: running this twice gives the same tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fluxray.specs import SPECS  # noqa: E402
+from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
+
+CORPUS = """
+a photo of a cat sitting on a red chair in the morning light
+a painting of a mountain lake at sunset with pine trees and snow
+an astronaut riding a horse on the moon, digital art, highly detailed
+a bowl of fruit on a wooden table, still life, oil on canvas
+portrait of an old man with a beard, black and white photograph
+a futuristic city at night with neon lights and flying cars
+a small house in a green forest, watercolor, soft colors
+a dog running on the beach with waves and blue sky
+a cup of coffee next to a book and glasses, cozy, warm light
+a sign that says hello world, typography, bold letters
+close up of a flower with water drops, macro photography
+an owl in the rain, cinematic lighting, 35mm film
+the quick brown fox jumps over the lazy dog
+two people walking in a park in autumn, leaves on the ground
+a robot playing chess with a child, illustration
+blurry, low quality, distorted, ugly, bad anatomy, watermark, text
+"""
+
+CLIP_MERGES = 300
+T5_PIECES = 700
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def corpus_words() -> list[str]:
+    return [w.strip(",.") for w in CORPUS.lower().split() if w.strip(",.")]
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level BPE in CLIP's format: bytes, bytes+</w>, learned merges, then the two specials."""
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    words = collections.Counter(corpus_words())
+    splits = {w: [*(bytes_to_unicode()[b] for b in w.encode())] for w in words}
+    for w in splits:
+        splits[w][-1] += "</w>"
+    merges: list[tuple[str, str]] = []
+    while len(merges) < CLIP_MERGES:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for w, parts in splits.items():
+            for a, b in zip(parts, parts[1:]):
+                pairs[(a, b)] += words[w]
+        if not pairs:
+            break
+        # Most frequent pair; ties broken by the pair itself so the result never varies.
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merges.append((a, b))
+        vocab.append(a + b)
+        for w, parts in splits.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            splits[w] = out
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
+    tok.model_max_length = 77
+    return tok
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A Unigram vocabulary in T5's layout: <pad>, </s>, <unk>, then pieces scored by frequency."""
+    counts: collections.Counter[str] = collections.Counter()
+    for w in CORPUS.split():
+        counts["▁" + w] += 4
+        for i in range(1, len(w)):
+            counts[w[i:]] += 1
+            counts["▁" + w[:i]] += 1
+    chars = sorted({c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()[]/&%$#@*+=_<>"})
+    pieces = ["▁"] + chars + ["▁" + c for c in chars]
+    for p, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(pieces) >= T5_PIECES:
+            break
+        if p not in pieces:
+            pieces.append(p)
+    total = sum(counts.values()) + len(pieces)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(p, math.log((counts.get(p, 0) + 1) / total)) for p in pieces]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tok.model_max_length = 512
+    return tok
+
+
+def main() -> None:
+    spec = SPECS["tiny"]
+    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
+    if len(clip_tok) != spec.clip["vocab_size"] or len(t5_tok) != spec.t5["vocab_size"]:
+        raise SystemExit(
+            f"tokenizer sizes changed (clip {len(clip_tok)}, t5 {len(t5_tok)}): update SPECS['tiny'] vocab sizes"
+        )
+    torch.manual_seed(0)
+    clip_cfg = {**spec.clip, "bos_token_id": len(clip_tok) - 2, "pad_token_id": len(clip_tok) - 1}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
+    text_encoder_2 = T5EncoderModel(T5Config(**spec.t5))
+    transformer = FluxTransformer2DModel(**spec.transformer)
+    vae = AutoencoderKL(**spec.vae)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**spec.scheduler),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    if TINY_MODEL_DIR.exists():
+        shutil.rmtree(TINY_MODEL_DIR)
+    pipe.save_pretrained(TINY_MODEL_DIR, safe_serialization=True)
+    (TINY_MODEL_DIR / "fluxray_spec.json").write_text(json.dumps({"spec": "tiny"}) + "\n")
+    size = sum(p.stat().st_size for p in TINY_MODEL_DIR.rglob("*") if p.is_file())
+    print(f"wrote {TINY_MODEL_DIR} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
