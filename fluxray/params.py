@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fluxray.specs import ModelSpec
 
@@ -102,11 +103,13 @@ class GenerationParams(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
-    @model_validator(mode="after")
-    def _cfg_needs_negative(self) -> GenerationParams:
-        if self.true_cfg_scale > 1.0 and not self.negative_prompt:
-            raise ValueError("true_cfg_scale > 1 needs a negative_prompt")
-        return self
+    @field_validator("true_cfg_scale")
+    @classmethod
+    def _cfg_needs_negative(cls, value: float, info: ValidationInfo) -> float:
+        # negative_prompt is declared before true_cfg_scale, so it is validated and in info.data.
+        if value > 1.0 and not info.data.get("negative_prompt"):
+            raise ValueError("true CFG (> 1) needs a negative prompt")
+        return value
 
     def resolve(self, spec: ModelSpec) -> GenerationParams:
         """A copy with the model's defaults filled in and a seed drawn if none was given."""
@@ -138,11 +141,15 @@ class GenerationParams(BaseModel):
         return [self.seed + i for i in range(self.n)]
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming each invalid field and why, e.g. 'width: must be a multiple of 16 (got 100)'."""
+def describe_validation_error(error: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """One line naming each invalid field and why, e.g. 'width: must be a multiple of 16 (got 100)'.
+
+    `names` renames fields for the caller's vocabulary (the CLI says --steps, not num_inference_steps).
+    """
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "request"
+        field = (names or {}).get(field, field)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"

@@ -96,7 +96,7 @@ def flow_sigmas(num_steps: int, image_seq_len: int, scheduler_config: dict) -> t
     return _flow_sigmas_cached(num_steps, image_seq_len, json.dumps(scheduler_config, sort_keys=True)).clone()
 
 
-@dataclass
+@dataclass(eq=False)
 class DenoiseTask:
     """The denoising state of one request: n images sharing prompt, size and schedule."""
 
@@ -147,7 +147,8 @@ def denoise_step(
     guidance = per_row([t.guidance[t.step] for t in active], active)
     embeds = [t.embeds for t in active]
 
-    cfg = [t for t in active if t.uses_cfg]
+    cfg_index = [i for i, t in enumerate(active) if t.uses_cfg]
+    cfg = [active[i] for i in cfg_index]
     hidden = latents
     if cfg:
         hidden = torch.cat([latents, *[t.latents for t in cfg]])
@@ -175,12 +176,8 @@ def denoise_step(
     if cfg:
         positive, negative_rows = velocity[: latents.shape[0]], velocity[latents.shape[0] :]
         parts = list(positive.split(counts))
-        offset = 0
-        for t in cfg:
-            i = active.index(t)
-            neg = negative_rows[offset : offset + counts[i]]
-            parts[i] = neg + t.true_cfg_scale * (parts[i] - neg)
-            offset += counts[i]
+        for i, neg in zip(cfg_index, negative_rows.split([counts[i] for i in cfg_index])):
+            parts[i] = neg + active[i].true_cfg_scale * (parts[i] - neg)
         velocity = torch.cat(parts)
 
     # As the scheduler does: the step dt * v is rounded to the model's dtype, the sum made in float32.

@@ -137,6 +137,15 @@ def main() -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip_cfg))
     text_encoder_2 = T5EncoderModel(T5Config(**spec.t5))
     transformer = FluxTransformer2DModel(**spec.transformer)
+    with torch.no_grad():
+        # At these widths and default init, attention over 512 mostly-padding T5 tokens is nearly
+        # uniform and the velocity small, so the prompt barely shows in the image. Sharper q/k norms
+        # and a larger output projection make the text visibly steer the pixels, which the tests need.
+        for name, param in transformer.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                param.mul_(3.0)
+        transformer.proj_out.weight.mul_(3.0)
+        transformer.proj_out.bias.mul_(3.0)
     vae = AutoencoderKL(**spec.vae)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**spec.scheduler),

@@ -1,0 +1,5 @@
+import sys
+
+from fluxray.cli import main
+
+sys.exit(main())

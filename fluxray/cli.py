@@ -1,0 +1,167 @@
+"""The `fluxray` command: generate images in-process, list models, locate the tiny model.
+
+A user mistake (bad parameter, unknown model, unwritable output) prints one line on stderr and
+exits with status 2; it never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# fluxray never downloads at run time, and the libraries' info chatter is not for CLI users.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pydantic import ValidationError  # noqa: E402
+
+from fluxray.params import GenerationParams, describe_validation_error  # noqa: E402
+from fluxray.sources import ModelSourceError, resolve_model  # noqa: E402
+from fluxray.specs import SPECS  # noqa: E402
+
+FLAG_OF_FIELD = {
+    "prompt": "--prompt",
+    "prompt_2": "--prompt-2",
+    "negative_prompt": "--negative-prompt",
+    "width": "--width",
+    "height": "--height",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "guidance_scale_end": "--guidance-end",
+    "true_cfg_scale": "--true-cfg",
+    "n": "--n",
+    "seed": "--seed",
+}
+FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+class UsageError(Exception):
+    """A mistake in how fluxray was called; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fluxray", description="FLUX.1 text-to-image generation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate images in this process")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--output", required=True, help="file to write; .png, .jpg/.jpeg or .webp")
+    gen.add_argument("--model", default=None, help="tiny (default), flux-dev, flux-schnell, a path, a repo id")
+    gen.add_argument("--prompt-2", default=None, help="separate prompt for the T5 encoder")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--guidance-end", type=float, default=None, help="ramp guidance linearly to this value")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (> 1 with --negative-prompt)")
+    gen.add_argument("--n", type=int, default=1, help="number of images; files get -0, -1, ...")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("models", help="list the known model specs")
+    path = sub.add_parser("model-path", help="print the directory a model loads from")
+    path.add_argument("name")
+    return parser
+
+
+def _output_paths(output: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    fmt = FORMAT_OF_SUFFIX.get(output.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--output must end in .png, .jpg, .jpeg or .webp (got {output.name!r})")
+    source = resolve_model(args.model)
+    spec = source.spec
+    fields = {
+        "prompt": args.prompt,
+        "prompt_2": args.prompt_2,
+        "negative_prompt": args.negative_prompt,
+        # A model's natural size: 1024 for FLUX.1, small for the tiny CPU model.
+        "width": args.width or (256 if spec.name == "tiny" else 1024),
+        "height": args.height or (256 if spec.name == "tiny" else 1024),
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "guidance_scale_end": args.guidance_end,
+        "true_cfg_scale": args.true_cfg,
+        "n": args.n,
+        "seed": args.seed,
+        "output_format": fmt,
+    }
+    params = GenerationParams(**fields).resolve(spec)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {output.parent}: {e.strerror}") from None
+
+    import torch
+    from tqdm import tqdm
+
+    from fluxray.pipeline import Pipeline
+
+    torch.set_grad_enabled(False)
+    pipeline = Pipeline.load(args.model, device=args.device)
+    with tqdm(total=params.num_inference_steps, desc="denoising", unit="step", disable=args.no_progress) as bar:
+        images = pipeline.generate(params, on_step=lambda: bar.update(1))
+    for image, path in zip(images, _output_paths(output, params.n)):
+        try:
+            _write_atomically(path, image.encode(fmt))
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror}") from None
+        print(f"{path}\tseed={image.seed}")
+    return 0
+
+
+def _models() -> int:
+    for spec in SPECS.values():
+        guidance = "guidance embedding" if spec.guidance_embeds else "no guidance embedding"
+        where = spec.repo_id or "embedded in the package"
+        print(
+            f"{spec.name:13} steps={spec.default_steps:<3} guidance={spec.default_guidance:<4} "
+            f"t5_max_length={spec.max_sequence_length:<4} {guidance:22} {where}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "models":
+            return _models()
+        print(resolve_model(args.name).root)
+        return 0
+    except ValidationError as e:
+        message = describe_validation_error(e, FLAG_OF_FIELD)
+    except (UsageError, ModelSourceError) as e:
+        message = str(e)
+    except KeyboardInterrupt:
+        message = "interrupted"
+    print(f"fluxray: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
