@@ -17,6 +17,7 @@ process that runs one stage holds only that stage's weights.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,8 @@ def _hf_cache_snapshot(repo_id: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        # HF_HUB_CACHE is read here, not only at import, so a cache chosen at run time is honoured.
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         raise ModelSourceError(
             f"{repo_id} is not in the local Hugging Face cache and fluxray never downloads at run time; "

@@ -1,0 +1,95 @@
+"""The fluxray command, run as a user runs it: a real process, real files, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxray.cli import main
+from fluxray.images import read_metadata
+from fluxray.sources import TINY_MODEL_DIR
+
+
+def fluxray(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fluxray", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_generate_writes_images_with_seed_suffixes(tmp_path):
+    out = tmp_path / "sub" / "cat.png"
+    result = fluxray("generate", "--prompt", "a cat", "--output", str(out), "--n", "2", "--seed", "9",
+                     "--width", "96", "--height", "64", "--steps", "3", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["cat-0.png", "cat-1.png"]
+    assert f"{out.parent / 'cat-1.png'}\tseed=10" in result.stdout
+    first = (out.parent / "cat-0.png").read_bytes()
+    assert read_metadata(first)["seed"] == 9
+    assert Image.open(out.parent / "cat-1.png").size == (96, 64)
+    # The same command again makes the same bytes.
+    again = fluxray("generate", "--prompt", "a cat", "--output", str(tmp_path / "again.png"), "--n", "2",
+                    "--seed", "9", "--width", "96", "--height", "64", "--steps", "3", "--no-progress")
+    assert again.returncode == 0 and (tmp_path / "again-0.png").read_bytes() == first
+
+
+def test_generate_jpeg_with_true_cfg_and_progress(tmp_path):
+    out = tmp_path / "x.jpg"
+    result = fluxray("generate", "--prompt", "a cat", "--negative-prompt", "blurry", "--true-cfg", "3",
+                     "--output", str(out), "--steps", "2", "--width", "64", "--height", "64")
+    assert result.returncode == 0, result.stderr
+    assert "denoising" in result.stderr and "2/2" in result.stderr
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert np.asarray(Image.open(out)).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", "100"], "--width: width must be a multiple of 16 (got 100)"),
+        (["--steps", "0"], "--steps:"),
+        (["--guidance", "25"], "--guidance:"),
+        (["--n", "9"], "--n:"),
+        (["--seed", "-3"], "--seed:"),
+        (["--seed", "abc"], "argument --seed: invalid int value"),
+        (["--true-cfg", "2"], "--true-cfg: true CFG (> 1) needs a negative prompt"),
+        (["--model", "/no/such/model"], "unknown model"),
+        (["--model", "some-org/some-model"], "not in the local Hugging Face cache"),
+    ],
+)
+def test_user_mistakes_print_one_line_and_exit_2(tmp_path, capsys, args, message):
+    # In-process (the same main() the console script runs) to keep the matrix fast; the
+    # subprocess test below checks a real process prints no traceback either.
+    code = main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "o.png"), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fluxray: error: ")
+    assert message in lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_mistakes_in_a_real_process(tmp_path):
+    for args in (
+        ["generate", "--output", "x.png"],
+        ["generate", "--prompt", "a", "--output", "x.gif"],
+        ["generate", "--prompt", "a", "--output", "x.png", "--height", "2050"],
+        ["fly"],
+    ):
+        result = fluxray(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_models_and_model_path():
+    models = fluxray("models")
+    assert models.returncode == 0
+    assert [line.split()[0] for line in models.stdout.splitlines()] == ["flux-dev", "flux-schnell", "tiny"]
+    assert "black-forest-labs/FLUX.1-dev" in models.stdout
+    path = fluxray("model-path", "tiny")
+    assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR)
