@@ -108,7 +108,7 @@ class Pipeline:
         resolved = [r.resolve(self.source.spec) for r in requests]
         results: dict[int, list[GeneratedImage]] = {}
         order = sorted(range(len(resolved)), key=lambda i: (resolved[i].height, resolved[i].width))
-        for (height, width), group in groupby(order, key=lambda i: (resolved[i].height, resolved[i].width)):
+        for _size, group in groupby(order, key=lambda i: (resolved[i].height, resolved[i].width)):
             indices = list(group)
             for i, images in zip(indices, self._generate_same_size([resolved[i] for i in indices], on_step)):
                 results[i] = images

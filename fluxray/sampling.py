@@ -122,9 +122,7 @@ class DenoiseTask:
 
 
 @torch.inference_mode()
-def denoise_step(
-    transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tensor, txt_ids: torch.Tensor
-) -> None:
+def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tensor, txt_ids: torch.Tensor) -> None:
     """Advance every unfinished task by one Euler step with one batched transformer call.
 
     All tasks must share the image size (img_ids) and text length (txt_ids). Rows of tasks

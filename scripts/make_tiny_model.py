@@ -1,6 +1,6 @@
 """Regenerate the embedded tiny FLUX model in fluxray/tiny_model/ (diffusers layout).
 
-    python scripts/make_tiny_model.py
+    python scripts/make_tiny_model.py [--out DIR]
 
 Real FLUX.1 architecture classes at tiny widths (fluxray.specs.SPECS["tiny"]), fixed-seed random
 weights, and small tokenizers trained here on a fixed corpus so that they load offline. The output is
@@ -9,6 +9,7 @@ deterministic: running this twice gives the same tensors.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
@@ -23,8 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluxray.specs import SPECS  # noqa: E402
 from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
+from fluxray.specs import SPECS  # noqa: E402
 
 CORPUS = """
 a photo of a cat sitting on a red chair in the morning light
@@ -110,7 +111,8 @@ def build_t5_tokenizer() -> T5Tokenizer:
         for i in range(1, len(w)):
             counts[w[i:]] += 1
             counts["▁" + w[:i]] += 1
-    chars = sorted({c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()[]/&%$#@*+=_<>"})
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()[]/&%$#@*+=_<>"
+    chars = sorted(set(alphabet))
     pieces = ["▁"] + chars + ["▁" + c for c in chars]
     for p, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         if len(pieces) >= T5_PIECES:
@@ -126,6 +128,9 @@ def build_t5_tokenizer() -> T5Tokenizer:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="regenerate the embedded tiny FLUX model")
+    parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help=f"default: {TINY_MODEL_DIR}")
+    out = parser.parse_args().out
     spec = SPECS["tiny"]
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     if len(clip_tok) != spec.clip["vocab_size"] or len(t5_tok) != spec.t5["vocab_size"]:
@@ -156,12 +161,12 @@ def main() -> None:
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
-    if TINY_MODEL_DIR.exists():
-        shutil.rmtree(TINY_MODEL_DIR)
-    pipe.save_pretrained(TINY_MODEL_DIR, safe_serialization=True)
-    (TINY_MODEL_DIR / "fluxray_spec.json").write_text(json.dumps({"spec": "tiny"}) + "\n")
-    size = sum(p.stat().st_size for p in TINY_MODEL_DIR.rglob("*") if p.is_file())
-    print(f"wrote {TINY_MODEL_DIR} ({size / 1e6:.2f} MB)")
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "fluxray_spec.json").write_text(json.dumps({"spec": "tiny"}) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

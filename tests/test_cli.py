@@ -22,8 +22,24 @@ def fluxray(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_generate_writes_images_with_seed_suffixes(tmp_path):
     out = tmp_path / "sub" / "cat.png"
-    result = fluxray("generate", "--prompt", "a cat", "--output", str(out), "--n", "2", "--seed", "9",
-                     "--width", "96", "--height", "64", "--steps", "3", "--no-progress")
+    result = fluxray(
+        "generate",
+        "--prompt",
+        "a cat",
+        "--output",
+        str(out),
+        "--n",
+        "2",
+        "--seed",
+        "9",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in out.parent.iterdir())
     assert files == ["cat-0.png", "cat-1.png"]
@@ -32,15 +48,46 @@ def test_generate_writes_images_with_seed_suffixes(tmp_path):
     assert read_metadata(first)["seed"] == 9
     assert Image.open(out.parent / "cat-1.png").size == (96, 64)
     # The same command again makes the same bytes.
-    again = fluxray("generate", "--prompt", "a cat", "--output", str(tmp_path / "again.png"), "--n", "2",
-                    "--seed", "9", "--width", "96", "--height", "64", "--steps", "3", "--no-progress")
+    again = fluxray(
+        "generate",
+        "--prompt",
+        "a cat",
+        "--output",
+        str(tmp_path / "again.png"),
+        "--n",
+        "2",
+        "--seed",
+        "9",
+        "--width",
+        "96",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--no-progress",
+    )
     assert again.returncode == 0 and (tmp_path / "again-0.png").read_bytes() == first
 
 
 def test_generate_jpeg_with_true_cfg_and_progress(tmp_path):
     out = tmp_path / "x.jpg"
-    result = fluxray("generate", "--prompt", "a cat", "--negative-prompt", "blurry", "--true-cfg", "3",
-                     "--output", str(out), "--steps", "2", "--width", "64", "--height", "64")
+    result = fluxray(
+        "generate",
+        "--prompt",
+        "a cat",
+        "--negative-prompt",
+        "blurry",
+        "--true-cfg",
+        "3",
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    )
     assert result.returncode == 0, result.stderr
     assert "denoising" in result.stderr and "2/2" in result.stderr
     assert out.read_bytes()[:3] == b"\xff\xd8\xff"

@@ -67,7 +67,5 @@ def test_guidance_schedule_constant_and_linear_ramp():
     spec = SPECS["tiny"]
     constant = GenerationParams(prompt="a", num_inference_steps=4, guidance_scale=3.5).resolve(spec)
     assert constant.guidance_per_step() == [3.5, 3.5, 3.5, 3.5]
-    ramp = GenerationParams(
-        prompt="a", num_inference_steps=5, guidance_scale=1.0, guidance_scale_end=5.0
-    ).resolve(spec)
+    ramp = GenerationParams(prompt="a", num_inference_steps=5, guidance_scale=1.0, guidance_scale_end=5.0).resolve(spec)
     assert ramp.guidance_per_step() == [1.0, 2.0, 3.0, 4.0, 5.0]

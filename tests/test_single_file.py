@@ -78,9 +78,7 @@ def to_ldm_vae(sd: dict, blocks: int = 4) -> dict:
     for key, value in sd.items():
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.", k
-        )
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.block.", k)
         k = re.sub(
             r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.upsample.", k
         )
@@ -123,7 +121,8 @@ def bfl_dir(tmp_path_factory):
         shutil.copytree(TINY_MODEL_DIR / part, folder / part)
     shutil.copy(TINY_MODEL_DIR / "fluxray_spec.json", folder)
     pipeline = Pipeline.load("tiny", device="cpu")
-    prefixed = {f"model.diffusion_model.{k}": v for k, v in to_bfl_transformer(pipeline.transformer.state_dict()).items()}
+    bfl = to_bfl_transformer(pipeline.transformer.state_dict())
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in bfl.items()}
     save_file(prefixed, folder / "flux1-dev.safetensors")
     save_file(to_ldm_vae(pipeline.decoder.vae.state_dict()), folder / "ae.safetensors")
     return folder

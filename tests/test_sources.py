@@ -97,8 +97,9 @@ def test_random_weights_have_the_spec_architecture_and_are_reproducible():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     _, clip, _, t5 = load_text_encoders(source)
     assert clip.config.hidden_size == 32 and t5.config.d_model == 32
-    image = Pipeline.load("random:tiny").generate(GenerationParams(prompt="x", width=64, height=64,
-                                                                   num_inference_steps=2, seed=1))[0]
+    image = Pipeline.load("random:tiny").generate(
+        GenerationParams(prompt="x", width=64, height=64, num_inference_steps=2, seed=1)
+    )[0]
     assert image.pixels.shape == (64, 64, 3) and image.model == "random:tiny"
 
 
@@ -113,8 +114,9 @@ def test_model_path_loads_in_flux_pipeline_offline(tiny_pipeline, diffusers_pipe
     assert type(diffusers_pipe).__name__ == "FluxPipeline"
     assert diffusers_pipe.tokenizer_2.__class__.__name__.startswith("T5Tokenizer")
     params = GenerationParams(prompt="a cat", width=64, height=64, num_inference_steps=2, seed=3)
-    out = diffusers_pipe("a cat", width=64, height=64, num_inference_steps=2,
-                         generator=torch.Generator().manual_seed(3)).images[0]
+    out = diffusers_pipe(
+        "a cat", width=64, height=64, num_inference_steps=2, generator=torch.Generator().manual_seed(3)
+    ).images[0]
     import numpy as np
 
     assert max_pixel_diff(tiny_pipeline.generate(params)[0].pixels, np.asarray(out)) <= 2
