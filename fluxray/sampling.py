@@ -178,10 +178,10 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
             parts[i] = neg + active[i].true_cfg_scale * (parts[i] - neg)
         velocity = torch.cat(parts)
 
-    # As the scheduler does: the step dt * v is rounded to the model's dtype, the sum made in float32.
+    # Exactly the scheduler's arithmetic: its float32 0-dim dt times a bf16 velocity is computed
+    # in bf16 (type promotion casts dt down first), then added to the float32 sample.
     dt = (sigma_next - sigma).to(device)[:, None, None]
-    step = (dt * velocity.to(torch.float32)).to(velocity.dtype)
-    updated = (latents.to(torch.float32) + step).to(velocity.dtype)
+    updated = (latents.to(torch.float32) + dt.to(velocity.dtype) * velocity).to(velocity.dtype)
     for t, new in zip(active, updated.split(counts)):
         t.latents = new
         t.step += 1
