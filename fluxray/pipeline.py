@@ -14,9 +14,10 @@ import torch
 import fluxray
 from fluxray.images import encode_image
 from fluxray.params import GenerationParams
-from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise, latent_size
+from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise
 from fluxray.sources import ModelSource, load_transformer, resolve_model
-from fluxray.text_encoding import TextEncoder
+from fluxray.specs import ModelSpec
+from fluxray.text_encoding import PromptEmbeds, TextEncoder
 from fluxray.vae import VAEDecoder
 
 
@@ -32,6 +33,51 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def image_metadata(params: GenerationParams, seed: int, model: str) -> dict[str, Any]:
+    """Every parameter needed to make an image again (no timestamps: same inputs, same bytes)."""
+    return {
+        "model": model,
+        "prompt": params.prompt,
+        "prompt_2": params.prompt_2,
+        "negative_prompt": params.negative_prompt,
+        "seed": seed,
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "guidance_scale_end": params.guidance_scale_end,
+        "true_cfg_scale": params.true_cfg_scale,
+        "sampler": "flow-match-euler",
+        "fluxray_version": fluxray.__version__,
+    }
+
+
+def denoise_task(
+    params: GenerationParams,
+    embeds: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DenoiseTask:
+    """The DenoiseTask of a resolved request: its n noises from seeds, its schedule and guidance.
+
+    embeds and negative hold one row (the request's prompt); they are repeated for the n images.
+    """
+    noise = torch.cat(
+        [initial_noise(s, params.height, params.width, dtype, spec.vae_scale_factor) for s in params.image_seeds()]
+    )
+    rows = [0] * params.n
+    return DenoiseTask(
+        latents=noise.to(device),
+        embeds=embeds.select(rows).to(device, dtype),
+        sigmas=flow_sigmas(params.num_inference_steps, noise.shape[1], spec.scheduler),
+        guidance=params.guidance_per_step(),
+        negative=negative.select(rows).to(device, dtype) if negative is not None and params.do_true_cfg else None,
+        true_cfg_scale=params.true_cfg_scale,
+    )
+
+
 @dataclass
 class GeneratedImage:
     """One image: its pixels, the seed that made it and the resolved request."""
@@ -43,23 +89,7 @@ class GeneratedImage:
     model: str
 
     def metadata(self) -> dict[str, Any]:
-        """Every parameter needed to make this image again (no timestamps: same inputs, same bytes)."""
-        p = self.params
-        return {
-            "model": self.model,
-            "prompt": p.prompt,
-            "prompt_2": p.prompt_2,
-            "negative_prompt": p.negative_prompt,
-            "seed": self.seed,
-            "width": p.width,
-            "height": p.height,
-            "num_inference_steps": p.num_inference_steps,
-            "guidance_scale": p.guidance_scale,
-            "guidance_scale_end": p.guidance_scale_end,
-            "true_cfg_scale": p.true_cfg_scale,
-            "sampler": "flow-match-euler",
-            "fluxray_version": fluxray.__version__,
-        }
+        return image_metadata(self.params, self.seed, self.model)
 
     def encode(self, fmt: str | None = None) -> bytes:
         return encode_image(self.pixels, fmt or self.params.output_format, self.metadata())
@@ -122,23 +152,10 @@ class Pipeline:
         negatives = None
         if cfg:
             negatives = self.text_encoder.encode([requests[i].negative_prompt for i in cfg]).to(self.device, self.dtype)
-        h, w = latent_size(height, width, self.decoder.scale_factor)
-        seq_len = (h // 2) * (w // 2)
         tasks = []
         for i, r in enumerate(requests):
-            noise = torch.cat([initial_noise(s, height, width, self.dtype) for s in r.image_seeds()])
-            repeat = [i] * r.n
-            negative = negatives.select([cfg.index(i)] * r.n) if i in cfg else None
-            tasks.append(
-                DenoiseTask(
-                    latents=noise.to(self.device),
-                    embeds=embeds.select(repeat),
-                    sigmas=flow_sigmas(r.num_inference_steps, seq_len, self.source.spec.scheduler),
-                    guidance=r.guidance_per_step(),
-                    negative=negative,
-                    true_cfg_scale=r.true_cfg_scale,
-                )
-            )
+            negative = negatives.select([cfg.index(i)]) if i in cfg else None
+            tasks.append(denoise_task(r, embeds.select([i]), negative, self.source.spec, self.device, self.dtype))
         denoise(self.transformer, tasks, height, width, on_step)
         pixels = self.decoder.decode(torch.cat([t.latents for t in tasks]), height, width).numpy()
         out, row = [], 0

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 from conftest import max_pixel_diff
 
 from fluxray.params import GenerationParams
-from fluxray.sampling import DenoiseTask, denoise_step, flow_sigmas, image_ids, initial_noise, text_ids
+from fluxray.pipeline import denoise_task
+from fluxray.sampling import DenoiseTask, denoise_step, image_ids, text_ids
 
 W, H = 96, 64
 
 
 def make_task(pipeline, params: GenerationParams) -> DenoiseTask:
     p = params.resolve(pipeline.source.spec)
-    embeds = pipeline.text_encoder.encode([p.prompt] * p.n)
-    negative = pipeline.text_encoder.encode([p.negative_prompt] * p.n) if p.do_true_cfg else None
-    noise = torch.cat([initial_noise(s, p.height, p.width) for s in p.image_seeds()])
-    seq_len = noise.shape[1]
-    return DenoiseTask(
-        latents=noise,
-        embeds=embeds,
-        sigmas=flow_sigmas(p.num_inference_steps, seq_len, pipeline.source.spec.scheduler),
-        guidance=p.guidance_per_step(),
-        negative=negative,
-        true_cfg_scale=p.true_cfg_scale,
-    )
+    embeds = pipeline.text_encoder.encode([p.prompt])
+    negative = pipeline.text_encoder.encode([p.negative_prompt]) if p.do_true_cfg else None
+    return denoise_task(p, embeds, negative, pipeline.source.spec, pipeline.device, pipeline.dtype)
 
 
 def decode(pipeline, task: DenoiseTask):
