@@ -1,0 +1,87 @@
+"""The application's own settings: the `args` of a serve config, validated in one place.
+
+Per-deployment Serve options (replicas, autoscaling, queue bounds, CPUs/GPUs) are not here: they
+are the serve config's `deployments:` entries, which Serve itself applies and validates.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class ObjectStoreConfig(BaseModel):
+    """Where `response_format=url` images go: any S3-compatible store, through boto3."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=1, description="Bucket to write images to.")
+    prefix: str = Field(default="images/", description="Key prefix of stored images.")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; AWS when unset.")
+    region: str | None = Field(default=None, description="Region of the bucket.")
+    url_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
+
+
+class AppConfig(BaseModel):
+    """Settings shared by the deployments of one fluxray application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="tiny", description="Model source: tiny, flux-dev, a path, a repo id, random:<spec>.")
+    served_model_name: str | None = Field(
+        default=None, description="Name clients use in `model`; the spec's name (tiny, flux-dev, ...) when unset."
+    )
+    device: str = Field(default="auto", description="auto (CUDA when the replica has a GPU), cpu, cuda.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on GPUs, float32 on CPUs."
+    )
+    torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
+    default_size: str = Field(default="1024x1024", description="Size used when a request sends none or 'auto'.")
+    prompt_cache_size: int = Field(default=1024, ge=0, description="Prompt embeddings kept per encoder replica.")
+    encoder_max_batch_size: int = Field(default=16, ge=1, description="Prompts encoded together.")
+    encoder_batch_wait_s: float = Field(default=0.005, ge=0, description="Wait for more prompts to batch.")
+    denoiser_max_batch_images: int = Field(default=8, ge=1, description="Images advanced by one transformer call.")
+    vae_max_batch_size: int = Field(default=8, ge=1, description="Requests decoded together.")
+    vae_batch_wait_s: float = Field(default=0.005, ge=0, description="Wait for more requests to decode together.")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="A request still running then gets 504.")
+    max_pending_requests: int = Field(
+        default=64, ge=1, description="Generations in flight per ingress replica; beyond it, 429 with Retry-After."
+    )
+    retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503.")
+    object_store: ObjectStoreConfig | None = Field(default=None, description="Enables response_format=url.")
+
+    @field_validator("default_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not _SIZE.match(value):
+            raise ValueError("default_size must look like 1024x1024")
+        return value
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); ValueError otherwise."""
+    match = _SIZE.match(size.strip())
+    if not match:
+        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 1024x768 (got {size!r})")
+    return int(match[1]), int(match[2])
+
+
+def replica_runtime(config: AppConfig):
+    """(source, device, dtype) for a replica, applying torch_threads first."""
+    from fluxray.pipeline import pick_device
+    from fluxray.sources import resolve_model
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    device = pick_device(config.device)
+    return resolve_model(config.model), device, config.torch_dtype(device)

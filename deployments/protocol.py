@@ -1,0 +1,97 @@
+"""HTTP request and response models: OpenAI Images fields plus fluxray's top-level extensions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fluxray.params import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, SEED_LIMIT, GenerationParams
+
+
+class ImageGenerationRequest(BaseModel):
+    """POST /v1/images/generations (and /generate, which returns one raw image)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw.", max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, description="Served model name; the served model when unset.")
+    n: int = Field(default=1, description=f"Number of images, 1-{MAX_IMAGES}; image i uses seed + i.")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, multiples of 16 in 64-2048, or 'auto'.")
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="url needs an object store in the server's config."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field(default="png", description="Image file format.")
+    user: str | None = Field(default=None, description="End-user id, for abuse monitoring; not used otherwise.")
+    quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    # fluxray extensions (top-level fields; the openai client sends them with extra_body=)
+    seed: int | None = Field(default=None, description=f"Seed of the first image, 0 <= seed < {SEED_LIMIT}.")
+    num_inference_steps: int | None = Field(default=None, description=f"Denoising steps, 1-{MAX_STEPS}.")
+    guidance_scale: float | None = Field(default=None, description=f"Distilled guidance, 0-{MAX_GUIDANCE}.")
+    guidance_scale_end: float | None = Field(default=None, description="Ramp guidance linearly to this value.")
+    negative_prompt: str | None = Field(default=None, description="Negative prompt for true CFG.")
+    true_cfg_scale: float | None = Field(default=None, description="True CFG scale (> 1 with negative_prompt).")
+    prompt_2: str | None = Field(default=None, description="Separate prompt for the T5 encoder.")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    seed: int = Field(description="The seed that made this image.")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fluxray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# GenerationParams' field names, as this API calls them.
+PARAM_OF_FIELD = {"width": "size", "height": "size"}
+
+
+def to_generation_params(request: ImageGenerationRequest, default_size: str) -> GenerationParams:
+    """The engine's params for a request; pydantic.ValidationError (or ValueError for size) if invalid."""
+    from deployments.config import parse_size
+
+    size = request.size if request.size not in (None, "auto") else default_size
+    width, height = parse_size(size)
+    fields = {
+        "prompt": request.prompt,
+        "prompt_2": request.prompt_2,
+        "negative_prompt": request.negative_prompt,
+        "width": width,
+        "height": height,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "guidance_scale_end": request.guidance_scale_end,
+        "n": request.n,
+        "seed": request.seed,
+        "output_format": request.output_format,
+    }
+    if request.true_cfg_scale is not None:
+        fields["true_cfg_scale"] = request.true_cfg_scale
+    return GenerationParams(**fields)
