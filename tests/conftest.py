@@ -8,9 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from fluxray.pipeline import Pipeline  # noqa: E402
 from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
@@ -28,13 +26,3 @@ def diffusers_pipe():
     pipe = FluxPipeline.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
-def diffusers_image(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return np.asarray(pipe(prompt, generator=generator, **kwargs).images[0])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import max_pixel_diff
+from image_checks import max_pixel_diff
 
 from fluxray.params import GenerationParams
 from fluxray.pipeline import denoise_task

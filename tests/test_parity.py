@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import diffusers_image, max_pixel_diff
+from image_checks import diffusers_image, max_pixel_diff
 
 from fluxray.params import GenerationParams
 

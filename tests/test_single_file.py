@@ -11,9 +11,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import max_pixel_diff
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+from image_checks import max_pixel_diff
 from safetensors.torch import save_file
 
 from fluxray.params import GenerationParams

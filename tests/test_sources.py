@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import max_pixel_diff
+from image_checks import max_pixel_diff
 
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
