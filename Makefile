@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test run test lint format bench tiny-model clean
+.PHONY: install install-test run serve generate test lint format bench bench-serve tiny-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ install-test: $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
 
-## The main job on the embedded tiny model: one image, written to out/cat.png.
-run: install
+## The main job: the online service (Serve graph, tiny model, CPU) on http://127.0.0.1:8000.
+run: serve
+
+serve: install
+	$(BIN)/serve run deployments/configs/local.yaml
+
+## One image in-process with the CLI, written to out/cat.png.
+generate: install
 	$(BIN)/fluxray generate --prompt "a photo of a cat sitting on a red chair" --output out/cat.png --seed 42
 
 ## Lint, then the whole test suite (CPU, tiny model).
@@ -39,6 +45,9 @@ format: install-test
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+
+bench-serve: install-test
+	$(BIN)/python benchmarks/serve_load.py
 
 tiny-model: install
 	$(BIN)/python scripts/make_tiny_model.py
