@@ -207,3 +207,39 @@ def test_openai_client_sees_errors_as_bad_request(cluster):
         client(cluster).images.generate(prompt="a cat", size="65x65")
     with pytest.raises(openai.NotFoundError):
         client(cluster).images.generate(prompt="a cat", model="dall-e-3", size="64x64")
+
+
+def test_service_image_equals_fluxray_generate(cluster, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.png"
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fluxray",
+            "generate",
+            "--prompt",
+            "a red fox in the snow",
+            "--seed",
+            "31",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    result = client(cluster).images.generate(
+        model="tiny", prompt="a red fox in the snow", size="96x64", extra_body={"seed": 31, **STEPS}
+    )
+    assert max_pixel_diff(pixels(base64.b64decode(result.data[0].b64_json)), pixels(out.read_bytes())) <= 2
