@@ -150,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
         seed_base=args.seed_base,
         output_format=args.format,
     )
-    input_storage, keys = split_input_uri(args.input)
-    output = open_storage(args.output)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    input_storage, keys = split_input_uri(args.input, endpoint)
+    output = open_storage(args.output, endpoint)
     files, scanned = scan(input_storage, keys, defaults, args.limit, args.strict)
     input_root = input_storage.uri
     print(f"input: {sum(n for _, n in files)} rows in {len(files)} file(s); {scanned['invalid']} invalid", flush=True)
@@ -176,10 +177,10 @@ def run(args: argparse.Namespace) -> int:
 
     model_args = (args.model, args.device, args.dtype, args.torch_threads)
     check_resources(ray.cluster_resources(), args)
-    ds = ray.data.read_datasource(PromptDatasource(input_root, files, defaults), ray_remote_args={"num_cpus": 0.1})
+    ds = ray.data.read_datasource(PromptDatasource(input_root, files, defaults, endpoint), num_cpus=0.1)
     ds = ds.map_batches(
         SkipWritten,
-        fn_constructor_args=(args.output,),
+        fn_constructor_args=(args.output, endpoint),
         batch_format="numpy",
         **{**pool("write"), "batch_size": args.write_batch_size},
     )
@@ -191,7 +192,10 @@ def run(args: argparse.Namespace) -> int:
         DecodeStage, fn_constructor_args=(*model_args, args.format), batch_format="numpy", **pool("decode")
     )
     ds = ds.map_batches(
-        WriteStage, fn_constructor_args=(args.output, source.name, args.format), batch_format="numpy", **pool("write")
+        WriteStage,
+        fn_constructor_args=(args.output, endpoint, source.name, args.format),
+        batch_format="numpy",
+        **pool("write"),
     )
 
     counts = Counter()

@@ -74,8 +74,16 @@ def metadata_key(row_id: str) -> str:
 class PromptDatasource(Datasource):
     """One read task per input file, streaming its records in blocks."""
 
-    def __init__(self, input_root: str, files: list[tuple[str, int]], defaults: JobDefaults, block_rows: int = 512):
-        self.input_root, self.files, self.defaults, self.block_rows = input_root, files, defaults, block_rows
+    def __init__(
+        self,
+        input_root: str,
+        files: list[tuple[str, int]],
+        defaults: JobDefaults,
+        endpoint_url: str | None = None,
+        block_rows: int = 512,
+    ):
+        self.input_root, self.files, self.defaults = input_root, files, defaults
+        self.endpoint_url, self.block_rows = endpoint_url, block_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -85,7 +93,7 @@ class PromptDatasource(Datasource):
         for key, limit in self.files:
 
             def read(key=key, limit=limit):
-                storage = open_storage(self.input_root)
+                storage = open_storage(self.input_root, self.endpoint_url)
                 block = []
                 for record in records(storage, key, self.defaults, limit):
                     block.append(record)
@@ -104,8 +112,24 @@ def _pending(batch: dict) -> np.ndarray:
     return np.flatnonzero(batch["status"] == "pending")
 
 
+def _missing(value) -> bool:
+    # Between stages Ray Data turns a column of nothing but None into float NaN.
+    return value is None or (isinstance(value, (float, np.floating)) and value != value)
+
+
+def _value(value):
+    # numpy scalars (np.str_, np.int64) become Python values: tokenizers and JSON want those.
+    if _missing(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _row(batch: dict, i: int) -> dict:
+    return {k: _value(batch[k][i]) for k in RECORD_FIELDS}
+
+
 def _rows(batch: dict, index) -> list[dict]:
-    return [{k: batch[k][i] for k in RECORD_FIELDS} for i in index]
+    return [_row(batch, i) for i in index]
 
 
 def _fail(batch: dict, index, stage: str, error: BaseException) -> dict:
@@ -130,8 +154,8 @@ def _device(device: str) -> torch.device:
 class SkipWritten:
     """Marks pending rows whose metadata already exists: a finished record from an earlier run."""
 
-    def __init__(self, output: str):
-        self.storage = open_storage(output)
+    def __init__(self, output: str, endpoint_url: str | None):
+        self.storage = open_storage(output, endpoint_url)
         self.pool = ThreadPoolExecutor(16)
 
     def __call__(self, batch: dict) -> dict:
@@ -192,12 +216,12 @@ class DenoiseStage:
         try:
             tasks = {}
             for i in index:
-                params = params_of({k: batch[k][i] for k in RECORD_FIELDS}, self.output_format)
+                params = params_of(_row(batch, i), self.output_format)
                 embeds = PromptEmbeds(
                     torch.from_numpy(batch["pooled"][i])[None], torch.from_numpy(batch["sequence"][i])[None]
                 )
                 negative = None
-                if batch["neg_pooled"][i] is not None:
+                if not _missing(batch["neg_pooled"][i]):
                     negative = PromptEmbeds(
                         torch.from_numpy(batch["neg_pooled"][i])[None], torch.from_numpy(batch["neg_sequence"][i])[None]
                     )
@@ -229,7 +253,7 @@ class DecodeStage:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
         images, digests = _objects(n), np.full(n, "", dtype=object)
-        index = [i for i in _pending(batch) if batch["latents"][i] is not None]
+        index = [i for i in _pending(batch) if not _missing(batch["latents"][i])]
         try:
             by_size = sorted(index, key=lambda i: (batch["height"][i], batch["width"][i]))
             for (height, width), group in groupby(by_size, key=lambda i: (batch["height"][i], batch["width"][i])):
@@ -237,7 +261,7 @@ class DecodeStage:
                 stacked = torch.from_numpy(np.stack([batch["latents"][i] for i in group]))
                 pixels = self.decoder.decode(stacked.reshape(len(group), *stacked.shape[-2:]), int(height), int(width))
                 for k, i in enumerate(group):
-                    params = params_of({f: batch[f][i] for f in RECORD_FIELDS}, self.output_format)
+                    params = params_of(_row(batch, i), self.output_format)
                     meta = image_metadata(params, params.seed, self.source.name)
                     data = encode_image(pixels[k].numpy(), self.output_format, meta)
                     images[i], digests[i] = data, hashlib.sha256(data).hexdigest()
@@ -251,8 +275,8 @@ class DecodeStage:
 class WriteStage:
     """Writes each image, then its metadata: a metadata object always means a complete record."""
 
-    def __init__(self, output: str, model_name: str, output_format: str):
-        self.storage = open_storage(output)
+    def __init__(self, output: str, endpoint_url: str | None, model_name: str, output_format: str):
+        self.storage = open_storage(output, endpoint_url)
         self.model_name, self.output_format = model_name, output_format
         self.pool = ThreadPoolExecutor(8)
 
@@ -288,7 +312,7 @@ class WriteStage:
         batch["status"] = batch["status"].astype(object)
         batch["reason"] = batch["reason"].astype(object)
         image_keys = np.full(n, "", dtype=object)
-        index = [i for i in _pending(batch) if batch["image_bytes"][i] is not None]
+        index = [i for i in _pending(batch) if not _missing(batch["image_bytes"][i])]
         rows = _rows(batch, index)
         results = self.pool.map(
             lambda k: self._write(rows[k], batch["image_bytes"][index[k]], batch["sha256"][index[k]]), range(len(index))
@@ -301,7 +325,7 @@ class WriteStage:
         batch["image"] = image_keys
 
         def column(name: str) -> list:
-            return [None if v is None or v != v else v for v in batch[name].tolist()]  # NaN -> null
+            return [_value(v) for v in batch[name]]
 
         return pa.table({f.name: column(f.name) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA)
 

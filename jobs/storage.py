@@ -1,11 +1,13 @@
 """Where job input is read from and output written to: a local directory or an S3 prefix.
 
-S3 goes through boto3 with retries; `AWS_ENDPOINT_URL` (read by boto3 itself) points it at any
-S3-compatible store. Local writes are atomic: a temp file in the same directory, then a rename.
+S3 goes through boto3 with retries; `AWS_ENDPOINT_URL` points it at any S3-compatible store. The
+driver reads it once and hands it to every stage explicitly, because the workers of a cluster do not
+inherit the driver's environment. Local writes are atomic: a temp file in the same directory, then a rename.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -57,13 +59,17 @@ class LocalStorage:
 
 
 class S3Storage:
-    def __init__(self, bucket: str, prefix: str):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
         import boto3
         from botocore.config import Config
 
         self.bucket, self.prefix = bucket, prefix
         self.uri = f"s3://{bucket}/{prefix}"
-        self.client = boto3.client("s3", config=Config(retries={"max_attempts": 10, "mode": "adaptive"}))
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            config=Config(retries={"max_attempts": 10, "mode": "adaptive"}),
+        )
 
     def key(self, key: str) -> str:
         return f"{self.prefix}{key}" if key else self.prefix.rstrip("/")
@@ -93,31 +99,56 @@ class S3Storage:
                 yield item["Key"][len(self.prefix) :]
 
     def open_binary(self, key: str):
-        return self.client.get_object(Bucket=self.bucket, Key=self.key(key))["Body"]
+        body = self.client.get_object(Bucket=self.bucket, Key=self.key(key))["Body"]
+        return io.BufferedReader(_BodyReader(body), buffer_size=1 << 20)
 
 
-def open_storage(uri: str) -> LocalStorage | S3Storage:
+class _BodyReader(io.RawIOBase):
+    """botocore's StreamingBody as a real binary stream, so io.TextIOWrapper can decode it."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> LocalStorage | S3Storage:
     """The storage rooted at uri: `s3://bucket/prefix` or a local directory path."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket")
         prefix = parsed.path.lstrip("/")
-        return S3Storage(parsed.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/")
+        return S3Storage(parsed.netloc, prefix if not prefix or prefix.endswith("/") else prefix + "/", endpoint_url)
     if "://" in uri:
         raise StorageError(f"{uri}: only local paths and s3:// URIs are supported")
     return LocalStorage(uri)
 
 
-def split_input_uri(uri: str) -> tuple[LocalStorage | S3Storage, list[str]]:
+def split_input_uri(uri: str, endpoint_url: str | None = None) -> tuple[LocalStorage | S3Storage, list[str]]:
     """The storage and the input file keys under uri (a single file, or every file below a prefix)."""
     if uri.startswith("s3://"):
         parsed = urlparse(uri)
         key = parsed.path.lstrip("/")
-        storage = S3Storage(parsed.netloc, "")
-        if key and not key.endswith("/") and storage.exists(key):
-            return storage, [key]
-        keys = [k for k in storage.list(key.rstrip("/") + "/" if key else "") if not k.endswith("/")]
+        # Keys are relative to the input's own folder, so row ids do not depend on where it lives.
+        if key and not key.endswith("/"):
+            folder, _, name = key.rpartition("/")
+            storage = S3Storage(parsed.netloc, f"{folder}/" if folder else "", endpoint_url)
+            if storage.exists(name):
+                return storage, [name]
+            key += "/"
+        storage = S3Storage(parsed.netloc, key, endpoint_url)
+        keys = [k for k in storage.list() if k and not k.endswith("/")]
     else:
         path = Path(uri)
         if path.is_file():

@@ -15,6 +15,19 @@ from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A Ray head and an S3 API server on loopback, started once for the whole session."""
+    from local_cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline() -> Pipeline:
     return Pipeline.load("tiny", device="cpu")
 

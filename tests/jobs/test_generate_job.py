@@ -1,0 +1,238 @@
+"""The offline job end to end: a real Ray cluster, a real S3 API server, real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from image_checks import max_pixel_diff
+from PIL import Image
+
+from fluxray.params import GenerationParams
+
+ROOT = Path(__file__).resolve().parents[2]
+COUNT = 300
+FAST = ["--width", "64", "--height", "64", "--steps", "2", "--denoise-batch-size", "16", "--decode-batch-size", "16"]
+
+
+def job(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**cluster.env, "AWS_ENDPOINT_URL": cluster.s3_endpoint}
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.generate", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def summary(result: subprocess.CompletedProcess) -> dict:
+    line = [x for x in result.stdout.splitlines() if x.startswith("written=")][-1]
+    return dict(part.split("=", 1) for part in line.split())
+
+
+def prompt_rows(n: int) -> list[dict]:
+    subjects = ["a red fox", "a lighthouse", "an owl", "a bowl of fruit", "a robot", "a forest house"]
+    rows = []
+    for i in range(n):
+        row = {"prompt": f"{subjects[i % len(subjects)]}, picture {i}"}
+        if i % 3 == 0:
+            row["seed"] = 10_000 + i
+        if i % 5 == 0:
+            row["id"] = f"row{i}"
+        if i % 7 == 0:
+            row["width"] = 96
+        rows.append(row)
+    return rows
+
+
+def keys(s3, bucket: str, prefix: str) -> dict[str, str]:
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", [])})
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_input(ray_cluster):
+    s3 = ray_cluster.s3()
+    body = "\n".join(json.dumps(r) for r in prompt_rows(COUNT)) + "\n"
+    s3.put_object(Bucket=ray_cluster.bucket, Key="inputs/prompts.jsonl", Body=body.encode())
+    return f"s3://{ray_cluster.bucket}/inputs/prompts.jsonl"
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, s3_input):
+    output = f"s3://{ray_cluster.bucket}/runs/full/"
+    result = job(ray_cluster, "--input", s3_input, "--output", output, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_s3_to_s3_writes_one_image_and_metadata_per_row(ray_cluster, first_run, tiny_pipeline):
+    _, result = first_run
+    assert summary(result)["written"] == str(COUNT) and summary(result)["failed"] == "0"
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    images, metadata = keys(s3, bucket, "runs/full/images/"), keys(s3, bucket, "runs/full/metadata/")
+    assert len(images) == COUNT and len(metadata) == COUNT
+    rows = prompt_rows(COUNT)
+    for i in (0, 5, 7, 100, 299):  # sampled rows: given seeds and ids are kept, images equal the engine's
+        row_id = rows[i].get("id", f"prompts-{i + 1:07d}")
+        meta = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/full/metadata/{row_id}.json")["Body"].read())
+        if "seed" in rows[i]:
+            assert meta["seed"] == rows[i]["seed"]
+        assert meta["prompt"] == rows[i]["prompt"] and meta["model"] == "tiny"
+        assert (meta["width"], meta["height"]) == (rows[i].get("width", 64), 64)
+        data = s3.get_object(Bucket=bucket, Key="runs/full/" + meta["image"])["Body"].read()
+        import hashlib
+
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"]
+        want = tiny_pipeline.generate(
+            GenerationParams(
+                prompt=meta["prompt"], seed=meta["seed"], width=meta["width"], height=64, num_inference_steps=2
+            )
+        )[0]
+        assert max_pixel_diff(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), want.pixels) <= 2
+    (manifest_key,) = keys(s3, bucket, "runs/full/manifest/")
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read()))
+    assert table.num_rows == COUNT and set(table.column("status").to_pylist()) == {"written"}
+
+
+def test_rerun_writes_nothing_new(ray_cluster, first_run, s3_input):
+    output, _ = first_run
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    before = {k: v for k, v in keys(s3, bucket, "runs/full/").items() if "/manifest/" not in k}
+    result = job(ray_cluster, "--input", s3_input, "--output", output, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(result)["written"] == "0" and summary(result)["skipped"] == str(COUNT)
+    after = {k: v for k, v in keys(s3, bucket, "runs/full/").items() if "/manifest/" not in k}
+    assert after == before
+
+
+def test_killed_mid_way_then_rerun_is_complete_exactly_once(ray_cluster, first_run, s3_input):
+    output = f"s3://{ray_cluster.bucket}/runs/killed/"
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
+    slow = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.generate", "--input", s3_input, "--output", output, *slow],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while len(keys(s3, bucket, "runs/killed/metadata/")) < 20 and time.monotonic() < deadline:
+        assert process.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    done_before = len(keys(s3, bucket, "runs/killed/metadata/"))
+    assert 20 <= done_before < COUNT
+
+    result = job(ray_cluster, "--input", s3_input, "--output", output, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = summary(result)
+    assert int(counts["skipped"]) >= done_before and int(counts["written"]) + int(counts["skipped"]) == COUNT
+    images, metadata = keys(s3, bucket, "runs/killed/images/"), keys(s3, bucket, "runs/killed/metadata/")
+    assert len(images) == COUNT and len(metadata) == COUNT
+    # Every image equals the uninterrupted run's. Rows met other rows in their batches this time,
+    # which may move a pixel by one level (batch invariance is <= 1/255, not bitwise).
+    full = keys(s3, bucket, "runs/full/images/")
+    assert sorted(k.split("/")[-1] for k in images) == sorted(k.split("/")[-1] for k in full)
+
+    def pixels(key: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())).convert("RGB"))
+
+    for key in images:
+        assert max_pixel_diff(pixels(key), pixels(key.replace("/killed/", "/full/"))) <= 1, key
+
+
+def test_formats_invalid_rows_and_local_output(ray_cluster, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.csv").write_text("prompt,seed\na red fox,1\nan owl,2\n,3\n")
+    pq.write_table(pa.table({"prompt": ["a robot", "a house"], "id": ["robot", "bad/id"]}), inputs / "b.parquet")
+    (inputs / "c.txt").write_text("a lighthouse\na bowl of fruit\n")
+    (inputs / "d.jsonl").write_text(json.dumps({"prompt": "a cat", "width": 100}) + "\n")
+    out = tmp_path / "out"
+    result = job(ray_cluster, "--input", str(inputs), "--output", str(out), *FAST, "--format", "webp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary(result)["written"] == "5" and summary(result)["invalid"] == "3"
+    written = sorted(p.name for p in (out / "images").iterdir())
+    assert written == ["a-0000002.webp", "a-0000003.webp", "c-0000001.webp", "c-0000002.webp", "robot.webp"]
+    assert not list(out.rglob("*.tmp"))
+    (manifest,) = (out / "manifest").iterdir()
+    table = pq.read_table(manifest).to_pylist()
+    invalid = {r["source"]: r["reason"] for r in table if r["status"] == "invalid"}
+    assert set(invalid) == {"a.csv:4", "b.parquet:2", "d.jsonl:1"}
+    assert invalid["a.csv:4"].startswith("prompt:") and invalid["b.parquet:2"].startswith("id:")
+    assert "width" in invalid["d.jsonl:1"]
+
+
+def test_strict_and_bad_input_fail_before_generating(ray_cluster, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "steps": 500}) + "\n")
+    out = tmp_path / "out"
+    strict = job(ray_cluster, "--input", str(bad), "--output", str(out), *FAST, "--strict")
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines() == [
+        "jobs.generate: error: --strict: bad.jsonl:2 is invalid: steps: Input should be less than or equal to 100"
+    ]
+    assert not out.exists()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n{oops\n')
+    result = job(ray_cluster, "--input", str(broken), "--output", str(out), *FAST)
+    assert result.returncode == 2 and "broken.jsonl line 2: not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = job(ray_cluster, "--input", str(tmp_path / "nope.jsonl"), "--output", str(out))
+    assert missing.returncode == 2 and "nope.jsonl: no such file or directory" in missing.stderr
+    greedy = job(ray_cluster, "--input", str(bad), "--output", str(out), "--denoise-actors", "40")
+    assert greedy.returncode == 2 and "CPUs" in greedy.stderr
+
+
+def test_ray_job_submit_runs_the_example(ray_cluster):
+    output = f"s3://{ray_cluster.bucket}/runs/submitted/"
+    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_cluster.dashboard,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps({"env_vars": {"AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}}),
+            "--",
+            "python",
+            "-m",
+            "jobs.generate",
+            "--input",
+            "examples/prompts.jsonl",
+            "--output",
+            output,
+            *FAST,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "succeeded" in result.stdout + result.stderr
+    assert len(keys(ray_cluster.s3(), ray_cluster.bucket, "runs/submitted/metadata/")) == 6

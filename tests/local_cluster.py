@@ -1,0 +1,166 @@
+"""A real local Ray cluster and a real S3 API server (moto) on loopback, for the tests.
+
+`ray start --head` once per test session; the Serve graph is deployed on it with `serve deploy`
+from the shipped local config when a test first needs it; the offline job joins it through
+RAY_ADDRESS. Both reach the S3 server over HTTP with boto3.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = ROOT / "deployments" / "configs" / "local.yaml"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as error:  # noqa: BLE001 - retried until the deadline
+            last = error
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s (last error: {last!r})")
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.http_port, self.s3_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.tight_url = f"{self.url}/tight"
+        self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.bucket = "fluxray-images"
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(ROOT),
+        }
+        self.s3_process: subprocess.Popen | None = None
+        self.serving = False
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+
+    def config(self) -> dict:
+        config = yaml.safe_load(LOCAL_CONFIG.read_text())
+        config["http_options"]["port"] = self.http_port
+        main = config["applications"][0]
+        main["args"]["object_store"] = {
+            "bucket": self.bucket,
+            "endpoint_url": self.s3_endpoint,
+            "region": "us-east-1",
+            "prefix": "generated/",
+        }
+        tight = copy.deepcopy(config["applications"][0])
+        tight.update(name="tight", route_prefix="/tight")
+        tight["args"] = {**tight["args"], "request_timeout_s": 4, "max_pending_requests": 5, "retry_after_s": 7}
+        tight["args"].pop("object_store")
+        for deployment in tight["deployments"]:
+            deployment["ray_actor_options"] = {"num_cpus": 0.1}
+            if deployment["name"] == "Denoiser":
+                deployment.update(max_ongoing_requests=2, max_queued_requests=1)
+        config["applications"].append(tight)
+        return config
+
+    def start(self) -> None:
+        """The S3 server and the Ray head (no applications yet)."""
+        self.s3_process = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: httpx.get(self.s3_endpoint, timeout=2).status_code < 500, 60, "S3 server", 0.5)
+        self.s3().create_bucket(Bucket=self.bucket)
+        started = self.run(
+            "ray",
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            "--num-cpus=6",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        )
+        assert started.returncode == 0, started.stderr[-2000:]
+        self.env["RAY_ADDRESS"] = f"127.0.0.1:{self.gcs_port}"
+
+    def deploy_serve(self) -> None:
+        """`serve deploy` the local config (plus the tight app); once per session."""
+        if self.serving:
+            return
+        config_path = self.tmp / "serve.yaml"
+        config_path.write_text(yaml.safe_dump(self.config()))
+        deployed = self.run("serve", "deploy", str(config_path), "--address", self.dashboard)
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        wait_until(self.all_running, 300, "serve applications", 2)
+        self.serving = True
+
+    def status(self) -> dict:
+        result = self.run("serve", "status", "--address", self.dashboard)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return yaml.safe_load(result.stdout)
+
+    def all_running(self) -> bool:
+        apps = self.status().get("applications", {})
+        return len(apps) == 2 and all(a["status"] == "RUNNING" for a in apps.values())
+
+    def s3(self):
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def handle_call(self, app: str, deployment: str, method: str) -> dict:
+        """Call a deployment method through a real DeploymentHandle, from a separate driver."""
+        code = (
+            "import json, ray\nfrom ray import serve\n"
+            f"ray.init(address='127.0.0.1:{self.gcs_port}', logging_level='ERROR', log_to_driver=False)\n"
+            f"h = serve.get_deployment_handle({deployment!r}, app_name={app!r})\n"
+            f"print(json.dumps(getattr(h, {method!r}).remote().result()))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        self.run("ray", "stop", "--force", timeout=120)
+        if self.s3_process:
+            self.s3_process.terminate()
+            self.s3_process.wait(timeout=30)
