@@ -158,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"input: {sum(n for _, n in files)} rows in {len(files)} file(s); {scanned['invalid']} invalid", flush=True)
 
     ray.init(
-        address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR"
+        address=os.environ.get("RAY_ADDRESS") or None,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        logging_level="ERROR",
     )
     started = time.monotonic()
 
