@@ -67,24 +67,6 @@ def summary(name: str, mode: str, images: int, times: list[float]) -> dict:
     }
 
 
-def diffusers_peer(pipeline: Pipeline):
-    """A FluxPipeline built around fluxray's own modules: same weights, no second copy."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    enc = pipeline.text_encoder
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**pipeline.source.spec.scheduler),
-        vae=pipeline.decoder.vae,
-        text_encoder=enc.clip,
-        tokenizer=enc.clip_tokenizer,
-        text_encoder_2=enc.t5,
-        tokenizer_2=enc.t5_tokenizer,
-        transformer=pipeline.transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: tiny on CPU, random:flux-dev on a GPU")
@@ -109,7 +91,7 @@ def main() -> None:
     started = time.perf_counter()
     pipeline = Pipeline.load(model, device=str(device), dtype=dtype)
     load_seconds = time.perf_counter() - started
-    peer = diffusers_peer(pipeline)
+    peer = pipeline.to_diffusers()
     spec = pipeline.source.spec
     seeds = list(range(1000, 1000 + args.images))
     base = dict(prompt=PROMPT, width=width, height=height, num_inference_steps=args.steps)

@@ -120,6 +120,23 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.transformer.device
 
+    def to_diffusers(self):
+        """A diffusers FluxPipeline over these very modules (same weights, no copy), e.g. as a peer."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        enc = self.text_encoder
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**self.source.spec.scheduler),
+            vae=self.decoder.vae,
+            text_encoder=enc.clip,
+            tokenizer=enc.clip_tokenizer,
+            text_encoder_2=enc.t5,
+            tokenizer_2=enc.t5_tokenizer,
+            transformer=self.transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype

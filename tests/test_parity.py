@@ -68,22 +68,11 @@ def test_bfloat16_arithmetic_matches_flux_pipeline():
     # The tiny model in bf16 on the CPU checks that arithmetic without a GPU.
     import numpy as np
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from fluxray.pipeline import Pipeline
 
     ours = Pipeline.load("tiny", device="cpu", dtype=torch.bfloat16)
-    enc = ours.text_encoder
-    peer = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**ours.source.spec.scheduler),
-        vae=ours.decoder.vae,
-        text_encoder=enc.clip,
-        tokenizer=enc.clip_tokenizer,
-        text_encoder_2=enc.t5,
-        tokenizer_2=enc.t5_tokenizer,
-        transformer=ours.transformer,
-    )
-    peer.set_progress_bar_config(disable=True)
+    peer = ours.to_diffusers()
     kwargs = dict(width=96, height=64, num_inference_steps=8, guidance_scale=3.5)
     image = ours.generate(GenerationParams(prompt=PROMPT, seed=8, **kwargs))[0].pixels
     theirs = np.asarray(peer(PROMPT, generator=torch.Generator("cpu").manual_seed(8), **kwargs).images[0])
