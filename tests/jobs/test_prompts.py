@@ -92,3 +92,33 @@ def test_input_uri_resolution(tmp_path):
     assert keys == ["a.jsonl"] and storage.root == tmp_path
     with pytest.raises(StorageError, match="no such file"):
         split_input_uri(str(tmp_path / "missing.jsonl"))
+
+
+def test_scan_applies_limit_across_files_in_order(tmp_path):
+    from jobs.generate import scan
+
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "b.txt").write_text("four\nfive\n")
+    storage, keys = split_input_uri(str(tmp_path))
+    files, counts = scan(storage, keys, DEFAULTS, limit=4, strict=False)
+    assert files == [("a.txt", 3), ("b.txt", 1)] and counts["pending"] == 4
+    files, _ = scan(storage, keys, DEFAULTS, limit=None, strict=False)
+    assert files == [("a.txt", 3), ("b.txt", 2)]
+
+
+def test_s3_prefix_and_single_file_inputs(ray_cluster, monkeypatch):
+    s3 = ray_cluster.s3()
+    for key, body in {"batch/x.jsonl": '{"prompt": "x"}\n', "batch/sub/y.txt": "y\n", "other.txt": "z\n"}.items():
+        s3.put_object(Bucket=ray_cluster.bucket, Key=key, Body=body.encode())
+    endpoint = ray_cluster.s3_endpoint
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, ray_cluster.env[name])
+    storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/batch/", endpoint)
+    assert keys == ["sub/y.txt", "x.jsonl"]
+    assert [r["id"] for k in keys for r in records(storage, k, DEFAULTS)] == ["sub_y-0000001", "x-0000001"]
+    storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/batch", endpoint)  # a prefix without the slash
+    assert keys == ["sub/y.txt", "x.jsonl"]
+    storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/other.txt", endpoint)
+    assert keys == ["other.txt"] and [r["prompt"] for r in records(storage, "other.txt", DEFAULTS)] == ["z"]
+    with pytest.raises(StorageError, match="no input files"):
+        split_input_uri(f"s3://{ray_cluster.bucket}/nothing-here/", endpoint)
