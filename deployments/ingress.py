@@ -100,8 +100,9 @@ async def _invalid_body(_: Request, error: RequestValidationError) -> JSONRespon
 class Ingress:
     def __init__(self, config: dict, encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle):
         self.config = AppConfig.model_validate(config)
-        self.spec = resolve_model(self.config.model).spec  # resolves the source; loads no weights
-        self.model_name = self.config.served_model_name or resolve_model(self.config.model).name
+        source = resolve_model(self.config.model)  # resolves the source; loads no weights
+        self.spec = source.spec
+        self.model_name = self.config.served_model_name or source.name
         self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
         self.store = ObjectStore(self.config.object_store) if self.config.object_store else None
         self.started = int(time.time())
