@@ -6,8 +6,8 @@
 For each size the job runs as its own process (a local Ray instance, like `python -m jobs.generate`)
 while this script samples the resident memory of the driver and of every Ray worker process; then
 the engine makes the same number of images in a plain loop here. Reported: images/s for both, and
-the peak memory of the driver and of the largest worker, so the growth from 1k to 10k prompts
-(the goal is none: everything streams) is a measured figure.
+the peak memory (USS and RSS) of the driver and of each stage's workers, so the growth from 1k to
+10k prompts (the goal is none: everything streams) is a measured figure.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -32,25 +33,37 @@ SUBJECTS = ["a red fox", "a lighthouse", "an owl", "a bowl of fruit", "a robot",
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of one process and, separately, of the largest Ray worker process, every 0.2 s."""
+    """Peak memory of the driver and of each kind of Ray worker, every 0.5 s.
+
+    USS (memory unique to the process) is what grows if a process leaks; RSS also counts the
+    shared object-store pages a worker has touched, which belong to Ray's plasma store, not to it.
+    """
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.driver_peak, self.worker_peak, self.stop = pid, 0, 0, threading.Event()
+        self.pid, self.stop = pid, threading.Event()
+        self.peaks: dict[str, dict[str, int]] = {}
+
+    def _record(self, name: str, process: psutil.Process) -> None:
+        info = process.memory_full_info()
+        peak = self.peaks.setdefault(name, {"uss": 0, "rss": 0})
+        peak["uss"], peak["rss"] = max(peak["uss"], info.uss), max(peak["rss"], info.rss)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            for process in psutil.process_iter(["pid", "cmdline"]):
                 try:
-                    rss = process.info["memory_info"].rss
                     cmd = " ".join(process.info["cmdline"] or [])
+                    if process.info["pid"] == self.pid:
+                        self._record("driver", process)
+                    elif stage := re.search(r"ray::MapWorker\(MapBatches\((\w+)\)", cmd):
+                        self._record(stage[1], process)  # e.g. DenoiseStage
                 except (psutil.Error, TypeError, AttributeError):
                     continue
-                if process.info["pid"] == self.pid:
-                    self.driver_peak = max(self.driver_peak, rss)
-                elif cmd.startswith("ray::MapWorker") or cmd.startswith("ray::ReadPrompt"):
-                    self.worker_peak = max(self.worker_peak, rss)
-            time.sleep(0.2)
+            time.sleep(0.5)
+
+    def mib(self, key: str) -> dict[str, float]:
+        return {name: round(p[key] / 2**20, 1) for name, p in sorted(self.peaks.items())}
 
 
 def write_prompts(path: Path, count: int) -> None:
@@ -100,8 +113,8 @@ def run_job(count: int, size: int, steps: int, workdir: Path) -> dict:
         "images_per_s_generation": float(summary["images/s"]),
         "images_per_s_including_startup": round(count / wall, 2),
         "wall_s": round(wall, 1),
-        "driver_peak_rss_mib": round(sampler.driver_peak / 2**20, 1),
-        "largest_worker_peak_rss_mib": round(sampler.worker_peak / 2**20, 1),
+        "peak_uss_mib": sampler.mib("uss"),
+        "peak_rss_mib": sampler.mib("rss"),
     }
 
 
@@ -150,11 +163,9 @@ def main() -> None:
         "config": {"model": "tiny", "size": args.size, "steps": args.steps, "job_defaults": "1 actor per stage"},
         "job": jobs,
         "plain_loop": loops,
-        "memory_growth_mib": {
-            "driver": round(jobs[-1]["driver_peak_rss_mib"] - jobs[0]["driver_peak_rss_mib"], 1),
-            "largest_worker": round(
-                jobs[-1]["largest_worker_peak_rss_mib"] - jobs[0]["largest_worker_peak_rss_mib"], 1
-            ),
+        "uss_growth_mib_first_to_last": {
+            name: round(jobs[-1]["peak_uss_mib"][name] - jobs[0]["peak_uss_mib"].get(name, 0.0), 1)
+            for name in jobs[-1]["peak_uss_mib"]
         },
         "job_vs_loop_images_per_s": [
             round(j["images_per_s_generation"] / lp["images_per_s"], 3) for j, lp in zip(jobs, loops)
