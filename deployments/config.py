@@ -63,9 +63,9 @@ class AppConfig(BaseModel):
         return value
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        from fluxray.pipeline import default_dtype
+
+        return default_dtype(device) if self.dtype == "auto" else getattr(torch, self.dtype)
 
 
 def parse_size(size: str) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from fluxray.images import EXTENSIONS, MEDIA_TYPES, encode_image
-from fluxray.pipeline import denoise_task, image_metadata
+from fluxray.pipeline import default_dtype, denoise_task, image_metadata
 from fluxray.sampling import denoise
 from fluxray.sources import load_transformer, resolve_model
 from fluxray.text_encoding import PromptEmbeds, TextEncoder
@@ -331,6 +331,4 @@ class WriteStage:
 
 
 def _dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    return default_dtype(device) if dtype in (None, "auto") else getattr(torch, dtype)
