@@ -65,6 +65,9 @@ class Cluster:
             "AWS_DEFAULT_REGION": "us-east-1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": str(ROOT),
+            # `ray job submit -- python ...` runs whatever `python` is on PATH: make it this venv's,
+            # as it is on a cluster node (CI runs the tests without activating the venv).
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.s3_process: subprocess.Popen | None = None
         self.serving = False
