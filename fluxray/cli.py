@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from pydantic import ValidationError  # noqa: E402
 
+from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args  # noqa: E402
 from fluxray.params import GenerationParams, describe_validation_error  # noqa: E402
 from fluxray.sources import ModelSourceError, resolve_model  # noqa: E402
 from fluxray.specs import SPECS  # noqa: E402
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="number of images; files get -0, -1, ...")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_speed_arguments(gen)
 
     sub.add_parser("models", help="list the known model specs")
     path = sub.add_parser("model-path", help="print the directory a model loads from")
@@ -110,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
         "output_format": fmt,
     }
     params = GenerationParams(**fields).resolve(spec)
+    speed = speed_options_from_args(args)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -121,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
     from fluxray.pipeline import Pipeline
 
     torch.set_grad_enabled(False)
-    pipeline = Pipeline.load(args.model, device=args.device)
+    pipeline = Pipeline.load(args.model, device=args.device, speed=speed)
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step", disable=args.no_progress) as bar:
         images = pipeline.generate(params, on_step=lambda: bar.update(1))
     for image, path in zip(images, _output_paths(output, params.n)):
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ValidationError as e:
         message = describe_validation_error(e, FLAG_OF_FIELD)
-    except (UsageError, ModelSourceError) as e:
+    except (UsageError, ModelSourceError, SpeedOptionError) as e:
         message = str(e)
     except KeyboardInterrupt:
         message = "interrupted"

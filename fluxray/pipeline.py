@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import fluxray
+from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.images import encode_image
 from fluxray.params import GenerationParams
 from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise
@@ -105,15 +106,23 @@ class Pipeline:
         self.decoder = decoder
 
     @classmethod
-    def load(cls, model: str | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+    def load(
+        cls,
+        model: str | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        speed: SpeedOptions | None = None,
+    ):
+        """All three stages on one device, with the speed switches applied (fluxray.acceleration)."""
         source = resolve_model(model)
         dev = pick_device(device)
         dtype = dtype or default_dtype(dev)
+        resolve(speed, dev)  # a switch that cannot work here fails before any weight loads
         return cls(
             source,
-            TextEncoder.load(source, dev, dtype),
-            load_transformer(source, dev, dtype),
-            VAEDecoder.load(source, dev, dtype),
+            TextEncoder.load(source, dev, dtype, speed),
+            load_transformer(source, dev, dtype, speed),
+            VAEDecoder.load(source, dev, dtype, speed),
         )
 
     @property

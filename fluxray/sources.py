@@ -21,11 +21,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from fluxray.specs import SPECS, ModelSpec, get_spec
+
+if TYPE_CHECKING:
+    from fluxray.acceleration import SpeedOptions
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
 
@@ -201,29 +204,52 @@ def load_tokenizers(source: ModelSource):
     return clip, t5
 
 
-def load_text_encoders(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(clip_tokenizer, clip_model, t5_tokenizer, t5_model) and nothing else."""
+def load_text_encoders(
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    t5_device: str | torch.device | None = None,
+):
+    """(clip_tokenizer, clip_model, t5_tokenizer, t5_model) and nothing else; T5 on t5_device
+    when given (e.g. the CPU, to keep its 9 GiB off a small GPU), else on device."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     device = torch.device(device)
+    t5_device = torch.device(t5_device) if t5_device is not None else device
     clip_tok, t5_tok = load_tokenizers(source)
     if source.kind == "random":
         clip = _random_weights(lambda: CLIPTextModel(CLIPTextConfig(**source.spec.clip)), device, dtype)
-        t5 = _random_weights(lambda: T5EncoderModel(T5Config(**source.spec.t5)), device, dtype)
+        t5 = _random_weights(lambda: T5EncoderModel(T5Config(**source.spec.t5)), t5_device, dtype)
         return clip_tok, clip, t5_tok, t5
     for folder in ("text_encoder", "text_encoder_2"):
         _check_safetensors_folder(source.root / folder)
     kwargs = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True}
     clip = CLIPTextModel.from_pretrained(source.root / "text_encoder", **kwargs)
     t5 = T5EncoderModel.from_pretrained(source.root / "text_encoder_2", **kwargs)
-    return clip_tok, clip.to(device).eval(), t5_tok, t5.to(device).eval()
+    return clip_tok, clip.to(device).eval(), t5_tok, t5.to(t5_device).eval()
 
 
-def load_transformer(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The FluxTransformer2DModel alone."""
-    from diffusers import FluxTransformer2DModel
+def load_transformer(
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    speed: SpeedOptions | None = None,
+):
+    """The FluxTransformer2DModel alone, with the speed switches applied (fluxray.acceleration).
+
+    A switch that cannot work on this device fails (SpeedOptionError) before any weight loads.
+    """
+    from fluxray.acceleration import accelerate_transformer, resolve
 
     device = torch.device(device)
+    resolved = resolve(speed, device, "transformer")
+    model = _load_transformer_weights(source, device, dtype)
+    return accelerate_transformer(model, resolved, source.spec.max_sequence_length)
+
+
+def _load_transformer_weights(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
     if source.kind == "random":
         return _random_weights(lambda: FluxTransformer2DModel(**source.spec.transformer), device, dtype)
     if source.kind == "single-file":

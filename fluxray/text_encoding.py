@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fluxray.sources import ModelSource, load_text_encoders
+
+if TYPE_CHECKING:
+    from fluxray.acceleration import SpeedOptions
 
 
 @dataclass
@@ -42,9 +46,17 @@ class TextEncoder:
 
     @classmethod
     def load(
-        cls, source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        source: ModelSource,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        speed: SpeedOptions | None = None,
     ) -> TextEncoder:
-        return cls(*load_text_encoders(source, device, dtype), source.spec.max_sequence_length)
+        """CLIP on device; T5 there too unless speed.t5_device places it elsewhere."""
+        from fluxray.acceleration import resolve
+
+        t5_device = resolve(speed, device, "text").t5_device
+        return cls(*load_text_encoders(source, device, dtype, t5_device), source.spec.max_sequence_length)
 
     @property
     def device(self) -> torch.device:

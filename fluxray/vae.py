@@ -2,24 +2,43 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fluxray.sampling import unpack_latents
 from fluxray.sources import ModelSource, load_vae
 
+if TYPE_CHECKING:
+    from fluxray.acceleration import SpeedOptions
+
 
 class VAEDecoder:
-    """The FLUX autoencoder's decoder half, turning packed latents into uint8 images."""
+    """The FLUX autoencoder's decoder half, turning packed latents into uint8 images.
 
-    def __init__(self, vae):
+    Images with a side above tile_above pixels are decoded in overlapping tiles (diffusers'
+    tiled_decode), which bounds the decoder's memory; None never tiles.
+    """
+
+    def __init__(self, vae, tile_above: int | None = None):
         self.vae = vae
         self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.tile_above = tile_above
 
     @classmethod
     def load(
-        cls, source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        source: ModelSource,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        speed: SpeedOptions | None = None,
     ) -> VAEDecoder:
-        return cls(load_vae(source, device, dtype))
+        """The VAE with the speed switches applied (fluxray.acceleration)."""
+        from fluxray.acceleration import accelerate_vae, resolve, tile_threshold
+
+        resolved = resolve(speed, device, "vae")
+        vae = accelerate_vae(load_vae(source, device, dtype), resolved)
+        return cls(vae, tile_threshold(vae, resolved))
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -27,6 +46,10 @@ class VAEDecoder:
         config = self.vae.config
         latents = unpack_latents(latents, height, width, self.scale_factor)
         latents = latents / config.scaling_factor + config.shift_factor
-        image = self.vae.decode(latents.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        if self.tile_above is not None and max(height, width) > self.tile_above:
+            image = self.vae.tiled_decode(latents, return_dict=False)[0]
+        else:
+            image = self.vae.decode(latents, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
         return (image * 255).round().to(torch.uint8)
