@@ -22,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from fluxray.acceleration import (  # noqa: E402
+    SpeedOptionError,
+    add_speed_arguments,
+    resolve,
+    speed_options_from_args,
+)
 from fluxray.params import MAX_SIDE, MIN_SIDE  # noqa: E402
 from fluxray.sources import ModelSourceError, resolve_model  # noqa: E402
 from jobs.prompts import InputError, JobDefaults, records  # noqa: E402
@@ -54,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per stage actor")
+    add_speed_arguments(p)
     for stage, batch, actors, cpus, gpus in (
         # Defaults fit a 2-core laptop: the denoiser gets a whole CPU, the rest share what is left.
         ("encode", 32, 1, 0.25, 0.0),
@@ -84,6 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        args.speed = speed_options_from_args(args)
+        # A stage with no GPU runs on the CPU: check its switches now, not in a failing actor.
+        for stage, part in (("encode", "text"), ("denoise", "transformer"), ("decode", "vae")):
+            if args.device == "cpu" or (args.device == "auto" and not getattr(args, f"{stage}_gpus")):
+                resolve(args.speed, "cpu", part)
+    except SpeedOptionError as error:
+        raise UsageError(str(error)) from None
     return args
 
 
@@ -187,12 +202,23 @@ def run(args: argparse.Namespace) -> int:
         batch_format="numpy",
         **{**pool("write"), "batch_size": args.write_batch_size},
     )
-    ds = ds.map_batches(EncodeStage, fn_constructor_args=model_args, batch_format="numpy", **pool("encode"))
+    speed = {"speed": args.speed}
     ds = ds.map_batches(
-        DenoiseStage, fn_constructor_args=(*model_args, args.format), batch_format="numpy", **pool("denoise")
+        EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=speed, batch_format="numpy", **pool("encode")
     )
     ds = ds.map_batches(
-        DecodeStage, fn_constructor_args=(*model_args, args.format), batch_format="numpy", **pool("decode")
+        DenoiseStage,
+        fn_constructor_args=(*model_args, args.format),
+        fn_constructor_kwargs=speed,
+        batch_format="numpy",
+        **pool("denoise"),
+    )
+    ds = ds.map_batches(
+        DecodeStage,
+        fn_constructor_args=(*model_args, args.format),
+        fn_constructor_kwargs=speed,
+        batch_format="numpy",
+        **pool("decode"),
     )
     ds = ds.map_batches(
         WriteStage,

@@ -20,6 +20,7 @@ import torch
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from fluxray.acceleration import SpeedOptions
 from fluxray.images import EXTENSIONS, MEDIA_TYPES, encode_image
 from fluxray.pipeline import default_dtype, denoise_task, image_metadata
 from fluxray.sampling import denoise
@@ -170,11 +171,13 @@ class SkipWritten:
 
 
 class EncodeStage:
-    def __init__(self, model: str, device: str, dtype: str | None, threads: int | None):
+    def __init__(
+        self, model: str, device: str, dtype: str | None, threads: int | None, speed: SpeedOptions | None = None
+    ):
         if threads:
             torch.set_num_threads(threads)
         dev = _device(device)
-        self.encoder = TextEncoder.load(resolve_model(model), dev, _dtype(dtype, dev))
+        self.encoder = TextEncoder.load(resolve_model(model), dev, _dtype(dtype, dev), speed)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -200,13 +203,21 @@ class EncodeStage:
 
 
 class DenoiseStage:
-    def __init__(self, model: str, device: str, dtype: str | None, threads: int | None, output_format: str):
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str | None,
+        threads: int | None,
+        output_format: str,
+        speed: SpeedOptions | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.device = _device(device)
         self.dtype = _dtype(dtype, self.device)
         self.source = resolve_model(model)
-        self.transformer = load_transformer(self.source, self.device, self.dtype)
+        self.transformer = load_transformer(self.source, self.device, self.dtype, speed)
         self.output_format = output_format
 
     def __call__(self, batch: dict) -> dict:
@@ -242,12 +253,20 @@ class DenoiseStage:
 
 
 class DecodeStage:
-    def __init__(self, model: str, device: str, dtype: str | None, threads: int | None, output_format: str):
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str | None,
+        threads: int | None,
+        output_format: str,
+        speed: SpeedOptions | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         dev = _device(device)
         self.source = resolve_model(model)
-        self.decoder = VAEDecoder.load(self.source, dev, _dtype(dtype, dev))
+        self.decoder = VAEDecoder.load(self.source, dev, _dtype(dtype, dev), speed)
         self.output_format = output_format
 
     def __call__(self, batch: dict) -> dict:
