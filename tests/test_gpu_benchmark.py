@@ -1,0 +1,41 @@
+"""benchmarks/gpu.py on the CPU with the tiny model: the code path the GPU run takes, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_quick_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--model", "tiny", "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["env"]["device_type"] == "cpu" and report["config"]["model"] == "tiny"
+    assert list(report["modes"]) == ["diffusers", "fluxray-float32", "fluxray-int8"]
+    sizes = ["128x128", "64x64", "64x112"]
+    for label, mode in report["modes"].items():
+        assert "error" not in mode, mode
+        assert list(mode["sizes"]) == sizes
+        for entry in mode["sizes"].values():
+            assert entry["seconds_per_image"] > entry["step_seconds"] > 0
+            assert entry["tflop_per_step"] > 0 and entry["graphs_compiled_after_warmup"] == 0
+        if label != "diffusers":
+            assert mode["ratio"] == mode["sizes"]["128x128"]["ratio"] > 0
+    fp32, int8 = report["modes"]["fluxray-float32"], report["modes"]["fluxray-int8"]
+    for size in sizes:
+        # CPU fp32 eager is the peer's arithmetic: the latents agree to float rounding.
+        assert fp32["sizes"][size]["max_latent_diff_vs_diffusers"] <= 1e-4
+        # int8 moves latents a little (~0.01 of a ~7 range when measured) and images by ~62 dB.
+        assert 0 < int8["sizes"][size]["max_latent_diff_vs_diffusers"] < 0.1
+        assert int8["sizes"][size]["psnr_db_vs_bf16"] > 40
