@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, 4 steps, 1 run: a check of the path")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (28; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per size (2; 1 with --quick)")
-    parser.add_argument("--modes", default="diffusers,bf16,quantized", help="any of diffusers, bf16, quantized")
+    parser.add_argument(
+        "--modes", default="diffusers,bf16,quantized", help="any of diffusers, bf16, quantized, cudagraphs"
+    )
     parser.add_argument("--quantize", default=None, help="the quantized mode: fp8 on a GPU, int8 on the CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default by GPU name)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu-<device>.json)")
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers": ("diffusers", SpeedOptions(compile="off", fuse_qkv="off", channels_last_vae="off")),
         "bf16": (f"fluxray-{'bf16' if dtype == torch.bfloat16 else dtype_name}", SpeedOptions()),
         "quantized": (f"fluxray-{quantize}", SpeedOptions(quantize=quantize)),
+        # Opt-in: CUDA graphs over the compiled blocks (off by default; see SpeedOptions.cuda_graphs).
+        "cudagraphs": ("fluxray-bf16-cudagraphs", SpeedOptions(cuda_graphs="on")),
     }
     unknown = [m for m in wanted if m not in modes]
     if unknown:

@@ -247,15 +247,18 @@ def _fuse_qkv(model) -> None:
 
 
 def _quantize(model, mode: str, device: torch.device) -> int:
-    from fluxray.quantization import Float8Linear, Int8WeightOnlyLinear, nf4_linear, replace_linears
+    from fluxray.quantization import Float8Linear, Int8WeightOnlyLinear, is_modulation, nf4_linear, replace_linears
 
     make = {
         "fp8": Float8Linear,
         "int8": Int8WeightOnlyLinear,
         "nf4": lambda linear: nf4_linear(linear, device),
     }[mode]
+    # int8 and nf4 are for memory, so they take every block Linear; fp8 is for speed, so it leaves
+    # the modulation GEMVs (see is_modulation) in the model's dtype.
+    keep = is_modulation if mode == "fp8" else (lambda _: False)
     blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
-    return sum(replace_linears(block, make) for block in blocks)
+    return sum(replace_linears(block, make, keep) for block in blocks)
 
 
 def _compile(model, speed: ResolvedSpeed) -> None:
