@@ -283,8 +283,11 @@ def test_gpu_fp8_and_compiled_bf16_images():
     eager = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(compile="off", fuse_qkv="off"))
     fast = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(warmup_sizes=["64x64"]))
     fp8 = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(quantize="fp8", warmup_sizes=["64x64"]))
+    # Bounds not yet measured on a GPU (none was at hand when this was written): bf16 compiled
+    # kernels round differently from eager ones, and fp8 measured ~53 dB through the CPU kernel.
     with torch.compiler.set_stance("fail_on_recompile"):
         for width, height in ((64, 64), (128, 96)):
-            reference = images(eager, width, height)
-            assert max_pixel_diff(images(fast, width, height), reference) <= 4
-            assert max_pixel_diff(images(fp8, width, height), reference) <= 32
+            reference = images(eager, width, height).astype(np.float64)
+            for pipeline, floor_db in ((fast, 35), (fp8, 30)):
+                mse = np.mean((images(pipeline, width, height) - reference) ** 2)
+                assert mse == 0 or 10 * np.log10(255**2 / mse) > floor_db
