@@ -1,8 +1,9 @@
 """GPU speed: diffusers' FluxPipeline (eager, the peer) against fluxray in bf16 with the lossless
 switches and fluxray in fp8, in one run, on the same weights (random:flux-dev) and seeds.
 
-On a GPU machine (one H100/H200, under 8 minutes). Its image has torch, transformers, accelerate and
-safetensors but not diffusers or pydantic, whose wheels ride in this checkout's ignored `.whl/`:
+On a GPU machine (one H100/H200, a few minutes, well under 8). Its image has torch, transformers,
+accelerate and safetensors but not diffusers; the missing wheels (diffusers, pydantic and their
+small dependencies) ride in this checkout's ignored `.whl/` folder:
 
     pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python benchmarks/gpu.py
 
@@ -11,14 +12,16 @@ Here, on the CPU, the same code path on the tiny model (int8 stands in for fp8, 
     python benchmarks/gpu.py --model tiny --device cpu --quick
 
 For each mode and size (1024x1024 at 28 steps, then 512x512 and 768x1344): seconds per image end to
-end (prompt to pixels), the median transformer step (each step synchronised, the first left out as
-it includes text encoding), MFU, the first call's time (it compiles) and how many graphs each size
-compiled (0 after the first size: no recompilation across resolutions), peak GPU memory, and the
-numerical distance: max |latent| difference of each fluxray mode from the peer on the same seed,
-and PSNR of the quantized mode's decoded image against fluxray-bf16's. `ratio` is a mode's seconds
-per image over the peer's at the same size. The JSON goes to benchmarks/results/gpu-<device>.json,
-rewritten after every mode, so a run cut short keeps what it measured; a mode that fails is
-recorded with its error and the others still run.
+end (prompt to pixels); the median transformer step (each step synchronised, the first left out as
+it includes text encoding) and its MFU (see flops_per_step); the first call's time and its extra
+over a warm call (warmup_seconds: compiling, in the compiled modes); how many graphs each size
+compiled (0 after the first size: no recompilation across resolutions); peak GPU memory; the max
+|latent| difference of each fluxray mode from the peer on the same seed, and the PSNR of the
+quantized mode's decoded image against fluxray-bf16's. `ratio` is a mode's seconds per image over
+the peer's at the same size (`step_ratio` the same for one step); the mode-level `ratio` is
+1024x1024's. The JSON goes to benchmarks/results/gpu-<device>.json, rewritten after every mode, so
+a run cut short keeps what it measured; a mode that fails is recorded with its error and the
+others still run (exit status 1).
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ def measure_mode(name, speed, args, device, dtype, model, sizes, peak) -> tuple[
     """Load one mode's pipeline, warm each size once (compiling), then time `repeats` runs per size.
     Returns (the mode's report, {size: (latents, pixels)} of its last run)."""
     torch._dynamo.reset()  # each mode compiles from scratch: its compile time is its own
+    free(device)  # and the previous mode's compiled code no longer holds its weights
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -224,9 +228,10 @@ def measure_mode(name, speed, args, device, dtype, model, sizes, peak) -> tuple[
         }
         report["sizes"][key] = entry
         print(f"  {name} {key}: {entry['seconds_per_image']} s/img, step {entry['step_seconds']} s", flush=True)
-    # Compiling happens on the first call at the first size (later sizes reuse its graphs).
+    # What the first call costs beyond a warm one: compiling, in the compiled modes (later sizes
+    # reuse the first size's graphs), and kernel selection and allocator growth in all of them.
     headline = next(iter(report["sizes"].values()))
-    report["compile_seconds"] = round(max(0.0, headline["first_call_seconds"] - headline["seconds_per_image"]), 2)
+    report["warmup_seconds"] = round(max(0.0, headline["first_call_seconds"] - headline["seconds_per_image"]), 2)
     if device.type == "cuda":
         report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     pipeline = peer = None  # the next mode loads its own weights into the memory these held
