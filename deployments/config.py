@@ -12,6 +12,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fluxray.acceleration import SpeedOptions
+from fluxray.params import MAX_PROMPT_CHARS
+
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -53,7 +56,38 @@ class AppConfig(BaseModel):
         default=64, ge=1, description="Generations in flight per ingress replica; beyond it, 429 with Retry-After."
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503.")
+    api_keys_env: str = Field(
+        default="FLUXRAY_API_KEYS",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable holding the comma-separated API keys; unset or empty means no keys. "
+        "Keys belong in the replicas' environment (a Kubernetes Secret), never in a serve config.",
+    )
+    stage_retries: int = Field(
+        default=2,
+        ge=0,
+        le=5,
+        description="Times a generation is re-run when a stage replica dies under it (safe: the seed fixes the image).",
+    )
+    max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Largest request body accepted; beyond it, 413."
+    )
+    max_prompt_chars: int = Field(
+        default=MAX_PROMPT_CHARS,
+        ge=1,
+        le=MAX_PROMPT_CHARS,
+        description="Longest prompt, prompt_2 or negative_prompt accepted, in characters; beyond it, 422.",
+    )
+    max_pixel_steps: int = Field(
+        default=4 * 1024 * 1024 * 50,
+        ge=64 * 64,
+        description="Per-request work budget: n x width x height x steps (x2 with true CFG); beyond it, 422.",
+    )
     object_store: ObjectStoreConfig | None = Field(default=None, description="Enables response_format=url.")
+    speed: SpeedOptions = Field(
+        default_factory=SpeedOptions,
+        description="Engine speed switches (compile, attention kernel, fused QKV, fp8/int8/nf4, VAE tiling, "
+        "T5 placement); each replica applies those of its stage. See fluxray.acceleration.",
+    )
 
     @field_validator("default_size")
     @classmethod

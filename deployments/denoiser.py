@@ -19,6 +19,7 @@ import torch
 from ray import serve
 
 from deployments.config import AppConfig, replica_runtime
+from deployments.metrics import DenoiserMetrics
 from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
 from fluxray.pipeline import denoise_task
@@ -40,13 +41,14 @@ class DenoiserDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
         self.source, self.device, self.dtype = replica_runtime(self.config)
-        self.transformer = load_transformer(self.source, self.device, self.dtype)
+        self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.entries: deque[_Entry] = deque()
         self.wakeup: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
         self.ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.counts = {"completed": 0, "cancelled": 0, "steps": 0, "max_rows": 0, "batched_steps": 0}
+        self.metrics = DenoiserMetrics()
 
     async def denoise(self, encoded: EncodedPrompt, params: GenerationParams) -> torch.Tensor:
         """Denoise a resolved request's n images; returns their packed latents on the CPU."""
@@ -57,6 +59,7 @@ class DenoiserDeployment:
         task = denoise_task(params, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
         entry = _Entry(task, (params.height, params.width), loop.create_future())
         self.entries.append(entry)
+        self.metrics.queue_depth.set(len(self.entries))
         self.wakeup.set()
         try:
             return await entry.future
@@ -64,6 +67,8 @@ class DenoiserDeployment:
             entry.cancelled = True
             self.counts["cancelled"] += 1
             raise
+        finally:
+            self.metrics.latency.observe(time.monotonic() - entry.enqueued)
 
     def _ids(self, height: int, width: int, text_len: int):
         key = (height, width, text_len)
@@ -110,6 +115,9 @@ class DenoiserDeployment:
                         entry.future.set_exception(error)
                 continue
             rows = sum(t.latents.shape[0] for t in tasks)
+            self.metrics.batch.observe(rows)
+            self.metrics.active_images.set(rows)
+            self.metrics.steps.inc()
             self.counts["steps"] += 1
             self.counts["batched_steps"] += len(batch) > 1
             self.counts["max_rows"] = max(self.counts["max_rows"], rows)
@@ -122,6 +130,7 @@ class DenoiserDeployment:
                 self.entries.remove(entry)
                 if not entry.future.done():
                     self.entries.append(entry)
+            self.metrics.queue_depth.set(len(self.entries))
 
     def stats(self) -> dict:
         active = sum(1 for e in self.entries if not e.cancelled and not e.future.done())

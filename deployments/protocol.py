@@ -14,10 +14,16 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description="What to draw.", max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(description=f"What to draw; at most {MAX_PROMPT_CHARS} characters (the server may set less).")
     model: str | None = Field(default=None, description="Served model name; the served model when unset.")
-    n: int = Field(default=1, description=f"Number of images, 1-{MAX_IMAGES}; image i uses seed + i.")
-    size: str | None = Field(default=None, description="WIDTHxHEIGHT, multiples of 16 in 64-2048, or 'auto'.")
+    n: int = Field(
+        default=1, ge=1, le=MAX_IMAGES, description=f"Number of images, 1-{MAX_IMAGES}; image i uses seed + i."
+    )
+    size: str | None = Field(
+        default=None,
+        pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+        description="WIDTHxHEIGHT, multiples of 16 in 64-2048, or 'auto'.",
+    )
     response_format: Literal["b64_json", "url"] = Field(
         default="b64_json", description="url needs an object store in the server's config."
     )
@@ -26,12 +32,22 @@ class ImageGenerationRequest(BaseModel):
     quality: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     style: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
     # fluxray extensions (top-level fields; the openai client sends them with extra_body=)
-    seed: int | None = Field(default=None, description=f"Seed of the first image, 0 <= seed < {SEED_LIMIT}.")
-    num_inference_steps: int | None = Field(default=None, description=f"Denoising steps, 1-{MAX_STEPS}.")
-    guidance_scale: float | None = Field(default=None, description=f"Distilled guidance, 0-{MAX_GUIDANCE}.")
-    guidance_scale_end: float | None = Field(default=None, description="Ramp guidance linearly to this value.")
+    seed: int | None = Field(
+        default=None, ge=0, lt=SEED_LIMIT, description=f"Seed of the first image, 0 <= seed < {SEED_LIMIT}."
+    )
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, le=MAX_STEPS, description=f"Denoising steps, 1-{MAX_STEPS}."
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=MAX_GUIDANCE, description=f"Distilled guidance, 0-{MAX_GUIDANCE}."
+    )
+    guidance_scale_end: float | None = Field(
+        default=None, ge=0, le=MAX_GUIDANCE, description="Ramp guidance linearly to this value."
+    )
     negative_prompt: str | None = Field(default=None, description="Negative prompt for true CFG.")
-    true_cfg_scale: float | None = Field(default=None, description="True CFG scale (> 1 with negative_prompt).")
+    true_cfg_scale: float | None = Field(
+        default=None, ge=1, le=MAX_GUIDANCE, description="True CFG scale (> 1 with negative_prompt)."
+    )
     prompt_2: str | None = Field(default=None, description="Separate prompt for the T5 encoder.")
 
 

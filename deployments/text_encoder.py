@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from deployments.config import AppConfig, replica_runtime
+from deployments.metrics import StageMetrics
 from fluxray.text_encoding import PromptEmbeds, TextEncoder
 
 
@@ -26,19 +28,21 @@ class TextEncoderDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
         source, device, dtype = replica_runtime(self.config)
-        self.encoder = TextEncoder.load(source, device, dtype)
+        self.encoder = TextEncoder.load(source, device, dtype, self.config.speed)
         self.cache: OrderedDict[tuple[str, str | None], PromptEmbeds] = OrderedDict()
         # One thread runs the models, so the event loop stays free to collect the next batch.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self.encode_batch.set_max_batch_size(self.config.encoder_max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(self.config.encoder_batch_wait_s)
         self.hits = self.misses = 0
+        self.metrics = StageMetrics("encode")
 
     def _encode_missing(self, keys: list[tuple[str, str | None]]) -> None:
         missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
+            self.metrics.batch.observe(len(missing))
             embeds = self.encoder.encode([p for p, _ in missing], [p2 for _, p2 in missing]).to("cpu")
             for i, key in enumerate(missing):
                 self.cache[key] = embeds.select([i])
@@ -55,7 +59,11 @@ class TextEncoderDeployment:
 
     async def encode(self, prompt: str, prompt_2: str | None = None, negative_prompt: str | None = None):
         """EncodedPrompt of one request (negative_prompt only when the request uses true CFG)."""
-        return await self.encode_batch((prompt, prompt_2, negative_prompt))
+        started = time.monotonic()
+        try:
+            return await self.encode_batch((prompt, prompt_2, negative_prompt))
+        finally:
+            self.metrics.latency.observe(time.monotonic() - started)
 
     def stats(self) -> dict:
         return {"cache_entries": len(self.cache), "cache_hits": self.hits, "cache_misses": self.misses}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -12,6 +13,7 @@ import torch
 from ray import serve
 
 from deployments.config import AppConfig, replica_runtime
+from deployments.metrics import StageMetrics
 from fluxray.images import encode_image
 from fluxray.vae import VAEDecoder
 
@@ -29,11 +31,12 @@ class VAEDecoderDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
         source, device, dtype = replica_runtime(self.config)
-        self.decoder = VAEDecoder.load(source, device, dtype)
+        self.decoder = VAEDecoder.load(source, device, dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.decode_batch.set_max_batch_size(self.config.vae_max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(self.config.vae_batch_wait_s)
         self.largest_batch = 0
+        self.metrics = StageMetrics("decode")
 
     def _decode(self, items: list[tuple[torch.Tensor, DecodeRequest]]) -> list[list[bytes]]:
         results: dict[int, list[bytes]] = {}
@@ -41,6 +44,7 @@ class VAEDecoderDeployment:
         for (height, width), group in groupby(order, key=lambda i: (items[i][1].height, items[i][1].width)):
             group = list(group)
             self.largest_batch = max(self.largest_batch, len(group))
+            self.metrics.batch.observe(sum(items[i][0].shape[0] for i in group))
             pixels = self.decoder.decode(torch.cat([items[i][0] for i in group]), height, width).numpy()
             row = 0
             for i in group:
@@ -58,7 +62,11 @@ class VAEDecoderDeployment:
 
     async def decode(self, latents: torch.Tensor, request: DecodeRequest) -> list[bytes]:
         """The request's images as files (PNG with metadata, JPEG or WebP), one per latent row."""
-        return await self.decode_batch((latents, request))
+        started = time.monotonic()
+        try:
+            return await self.decode_batch((latents, request))
+        finally:
+            self.metrics.latency.observe(time.monotonic() - started)
 
     def stats(self) -> dict:
         return {"largest_batch": self.largest_batch}

@@ -24,6 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "deployments" / "configs" / "local.yaml"
 BIN = Path(sys.executable).parent
+GUARDED_KEYS = ("key-one-" + secrets.token_hex(8), "key-two-" + secrets.token_hex(8))
+GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
 
 
 def free_port() -> int:
@@ -51,9 +53,12 @@ class Cluster:
         self.tmp = tmp
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.http_port, self.s3_port = free_port(), free_port()
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.tight_url = f"{self.url}/tight"
+        self.guarded_url = f"{self.url}/guarded"
         self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.bucket = "fluxray-images"
         self.env = {
@@ -64,6 +69,9 @@ class Cluster:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # The guarded application's keys: in every process' environment, as a Secret puts them in
+            # a pod's; never in a serve config or runtime_env, which Ray logs.
+            "FLUXRAY_GUARDED_KEYS": ",".join(GUARDED_KEYS),
             "PYTHONPATH": str(ROOT),
             # `ray job submit -- python ...` runs whatever `python` is on PATH: make it this venv's,
             # as it is on a cluster node (CI runs the tests without activating the venv).
@@ -95,7 +103,29 @@ class Cluster:
             deployment["ray_actor_options"] = {"num_cpus": 0.1}
             if deployment["name"] == "Denoiser":
                 deployment.update(max_ongoing_requests=2, max_queued_requests=1)
+            if deployment["name"] == "Ingress":
+                deployment["backpressure_config"] = {"status_code": 503, "retry_after_s": 7}
         config["applications"].append(tight)
+        # "guarded": API keys, small limits, and two Denoiser replicas (one gets killed under load).
+        guarded = copy.deepcopy(tight)
+        guarded.update(name="guarded", route_prefix="/guarded")
+        guarded["args"] = {
+            **config["applications"][0]["args"],
+            "request_timeout_s": 60,
+            "max_pending_requests": 24,
+            "stage_retries": 3,
+            "api_keys_env": "FLUXRAY_GUARDED_KEYS",  # set in the cluster's environment (see start)
+            "max_body_bytes": 8192,
+            "max_prompt_chars": 300,
+            "max_pixel_steps": GUARDED_PIXEL_STEPS,
+        }
+        guarded["args"].pop("object_store")
+        for deployment in guarded["deployments"]:
+            if deployment["name"] == "Denoiser":
+                deployment.update(max_ongoing_requests=8, max_queued_requests=16)
+                deployment["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+                deployment["ray_actor_options"] = {"num_cpus": 0.5}
+        config["applications"].append(guarded)
         return config
 
     def start(self) -> None:
@@ -114,7 +144,8 @@ class Cluster:
             "--head",
             f"--port={self.gcs_port}",
             f"--dashboard-port={self.dashboard_port}",
-            "--num-cpus=6",
+            "--num-cpus=8",
+            f"--metrics-export-port={self.metrics_port}",
             "--disable-usage-stats",
             "--include-dashboard=true",
         )
@@ -139,7 +170,7 @@ class Cluster:
 
     def all_running(self) -> bool:
         apps = self.status().get("applications", {})
-        return len(apps) == 2 and all(a["status"] == "RUNNING" for a in apps.values())
+        return len(apps) == 3 and all(a["status"] == "RUNNING" for a in apps.values())
 
     def s3(self):
         return boto3.client(
@@ -150,17 +181,37 @@ class Cluster:
             aws_secret_access_key="testing",
         )
 
-    def handle_call(self, app: str, deployment: str, method: str) -> dict:
-        """Call a deployment method through a real DeploymentHandle, from a separate driver."""
-        code = (
+    def driver(self, code: str):
+        """Run code in a separate Ray driver connected to the cluster; the JSON it prints last."""
+        prelude = (
             "import json, ray\nfrom ray import serve\n"
             f"ray.init(address='127.0.0.1:{self.gcs_port}', logging_level='ERROR', log_to_driver=False)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", prelude + code], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def handle_call(self, app: str, deployment: str, method: str) -> dict:
+        """Call a deployment method through a real DeploymentHandle, from a separate driver."""
+        return self.driver(
             f"h = serve.get_deployment_handle({deployment!r}, app_name={app!r})\n"
             f"print(json.dumps(getattr(h, {method!r}).remote().result()))\n"
         )
-        result = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def replica_actors(self, app: str, deployment: str) -> list[str]:
+        """Names of the live replica actors of a deployment."""
+        return self.driver(
+            "from ray.util.state import list_actors\n"
+            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000)\n"
+            f"prefix = 'SERVE_REPLICA::{app}#{deployment}#'\n"
+            "print(json.dumps(sorted(a.name for a in alive if (a.name or '').startswith(prefix))))\n"
+        )
+
+    def kill_actor(self, name: str) -> None:
+        """ray.kill a (Serve replica) actor, as a crash would end it; Serve must replace it."""
+        self.driver(f"ray.kill(ray.get_actor({name!r}, namespace='serve'), no_restart=True)\nprint('true')\n")
 
     def stop(self) -> None:
         self.run("ray", "stop", "--force", timeout=120)

@@ -169,7 +169,7 @@ def test_models_health_and_openapi(cluster):
         ({"prompt": "a cat", "seed": "abc"}, 400, "seed"),
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "   "}, 400, "prompt"),
-        ({"prompt": "x" * 5000}, 400, "prompt"),
+        ({"prompt": "x" * 5000}, 422, "prompt"),  # over the limit (max_prompt_chars)
         ({"prompt": 12}, 400, "prompt"),
         ({}, 400, "prompt"),
         ({"prompt": "a cat", "model": "dall-e-3"}, 404, "model"),

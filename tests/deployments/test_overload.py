@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 
@@ -80,3 +82,26 @@ def test_serve_status_shows_each_stage_as_its_own_deployment(cluster):
     deployments = status["applications"]["fluxray"]["deployments"]
     assert set(deployments) == {"Ingress", "TextEncoder", "Denoiser", "VAEDecoder"}
     assert all(d["status"] == "HEALTHY" for d in deployments.values())
+
+
+def test_sustained_overload_answers_200_or_retry_later_and_stays_bounded(cluster):
+    """Several times what the service admits, for a fixed time (benchmarks/overload.py's driver)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from overload import drive, replica_memory
+
+    drive(cluster.url, 4, 3)  # warm
+    before = replica_memory("fluxray")
+    # local.yaml admits 32 generations per ingress at once (max_pending_requests): 3x that.
+    result = drive(cluster.url, clients=96, seconds=20, size="128x128", steps=4)
+    after = replica_memory("fluxray")
+    print(result, before, after)
+    assert result["problems"] == [], result["problems"]
+    assert set(result["codes"]) <= {"200", "429", "503"}, result["codes"]
+    assert result["codes"].get("200", 0) >= 10 and (result["codes"].get("429", 0) + result["codes"].get("503", 0)) > 0
+    assert len(before) == 4 and set(before) == set(after), (before, after)  # no replica died or restarted
+    growth = sum(v["rss_mib"] for v in after.values()) - sum(v["rss_mib"] for v in before.values())
+    assert growth < 400, (growth, before, after)
+    assert httpx.get(f"{cluster.url}/healthz").status_code == 200
+    assert (
+        post(cluster.url, {"prompt": "after the storm", "size": "64x64", "num_inference_steps": 2}).status_code == 200
+    )

@@ -1,0 +1,70 @@
+"""fluxray's Prometheus metrics, through Ray Serve's metrics API (`ray.serve.metrics`).
+
+Every metric carries Serve's own tags (application, deployment, replica) as well as its own. Ray
+exports them from each node's metrics agent (`ray start --metrics-export-port=...`, scraped at
+`/metrics`) with a `ray_` prefix, e.g. `ray_fluxray_requests_total`. Serve's built-in metrics
+(`ray_serve_*`: per-deployment request counts, latencies, queue lengths, replica health) come
+alongside. Metric objects are made inside each replica, where Serve's context tags exist.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
+BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+
+
+class IngressMetrics:
+    """Requests by route and status code, end-to-end latency, images made, in flight, retries."""
+
+    def __init__(self):
+        self.requests = Counter(
+            "fluxray_requests_total", "HTTP requests answered, by route and status code.", tag_keys=("route", "code")
+        )
+        self.latency = Histogram(
+            "fluxray_request_latency_s",
+            "Seconds from request to answer, by route and status code.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("route", "code"),
+        )
+        self.images = Counter("fluxray_images_generated_total", "Images returned to clients.")
+        self.in_flight = Gauge("fluxray_requests_in_flight", "Generations in flight in this ingress replica.")
+        self.retries = Counter(
+            "fluxray_stage_retries_total", "Generations re-run because a stage replica died under them."
+        )
+
+    def answered(self, route: str, code: int, seconds: float) -> None:
+        tags = {"route": route, "code": str(code)}
+        self.requests.inc(tags=tags)
+        self.latency.observe(seconds, tags=tags)
+
+
+class StageMetrics:
+    """Per stage (encode, denoise, decode): seconds a request spends in it, and batch sizes."""
+
+    def __init__(self, stage: str):
+        self.latency = Histogram(
+            "fluxray_stage_latency_s",
+            "Seconds a request spends in a stage (queueing included).",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+        self.batch = Histogram(
+            "fluxray_batch_size",
+            "Items processed by one call of a stage's model: prompts, images per step, latents decoded.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+        self.latency.set_default_tags({"stage": stage})
+        self.batch.set_default_tags({"stage": stage})
+
+
+class DenoiserMetrics(StageMetrics):
+    """The denoise stage's metrics plus its queue: requests waiting and images being stepped."""
+
+    def __init__(self):
+        super().__init__("denoise")
+        self.queue_depth = Gauge("fluxray_denoiser_queue_depth", "Requests in the denoiser, waiting or stepping.")
+        self.active_images = Gauge("fluxray_denoiser_batch_images", "Images advanced by the latest transformer call.")
+        self.steps = Counter("fluxray_denoiser_steps_total", "Transformer calls (batched denoising steps).")

@@ -1,0 +1,50 @@
+"""Prometheus metrics through Ray Serve's metrics API, scraped from the node's metrics endpoint."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from local_cluster import wait_until
+
+GEN = "/v1/images/generations"
+
+
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    """Values of a metric's samples whose labels include `labels`."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+        if all(tags.get(k) == v for k, v in labels.items()):
+            out.append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def test_requests_stages_batches_and_queue_are_exported(cluster):
+    body = {"prompt": "a metric lighthouse", "size": "64x64", "num_inference_steps": 2, "n": 2}
+    for _ in range(3):
+        assert httpx.post(cluster.url + GEN, json=body, timeout=120).status_code == 200
+    assert httpx.post(cluster.url + GEN, json={"prompt": "a", "n": 99}).status_code == 400
+
+    def scraped():
+        text = httpx.get(cluster.metrics_url, timeout=10).text
+        ok = samples(text, "ray_fluxray_requests_total", application="fluxray", route=GEN, code="200")
+        bad = samples(text, "ray_fluxray_requests_total", application="fluxray", route=GEN, code="400")
+        return text if ok and sum(ok) >= 3 and bad and sum(bad) >= 1 else None
+
+    text = wait_until(scraped, 90, "fluxray metrics on the metrics endpoint", 3)
+    assert sum(samples(text, "ray_fluxray_images_generated_total", application="fluxray")) >= 6
+    for stage in ("encode", "denoise", "decode"):
+        count = samples(text, "ray_fluxray_stage_latency_s_count", application="fluxray", stage=stage)
+        assert count and sum(count) >= 3, stage
+        assert samples(text, "ray_fluxray_batch_size_count", application="fluxray", stage=stage), stage
+    assert sum(samples(text, "ray_fluxray_request_latency_s_count", application="fluxray", route=GEN)) >= 4
+    assert samples(text, "ray_fluxray_denoiser_queue_depth", application="fluxray")
+    assert sum(samples(text, "ray_fluxray_denoiser_steps_total", application="fluxray")) >= 6
+    # Serve's own metrics come alongside.
+    assert "ray_serve_deployment_request_counter" in text
+    # Paths nobody routes are one label, not one series per path a scanner tried.
+    httpx.get(cluster.url + "/no/such/path/12345")
+    assert 'route="/no/such/path/12345"' not in httpx.get(cluster.metrics_url, timeout=10).text
