@@ -1,0 +1,116 @@
+"""The offline job under faults: a stage worker killed mid-job, and an S3 endpoint that fails a
+share of its requests (500 InternalError / 503 SlowDown). Every row must come out exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from s3_fault_proxy import FaultProxy
+from test_generate_job import FAST, ROOT, keys, prompt_rows, summary
+
+
+def put_input(cluster, name: str, n: int) -> str:
+    body = "\n".join(json.dumps(r) for r in prompt_rows(n)) + "\n"
+    cluster.s3().put_object(Bucket=cluster.bucket, Key=f"inputs/{name}.jsonl", Body=body.encode())
+    return f"s3://{cluster.bucket}/inputs/{name}.jsonl"
+
+
+def assert_exactly_once(cluster, prefix: str, n: int) -> None:
+    """n images and n metadata files, each image's bytes the ones its metadata names; a manifest
+    with one `written` row per id."""
+    s3, bucket = cluster.s3(), cluster.bucket
+    images, metadata = keys(s3, bucket, f"{prefix}images/"), keys(s3, bucket, f"{prefix}metadata/")
+    assert len(images) == n and len(metadata) == n, (len(images), len(metadata))
+    for key in metadata:
+        meta = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        data = s3.get_object(Bucket=bucket, Key=prefix + meta["image"])["Body"].read()
+        assert hashlib.sha256(data).hexdigest() == meta["sha256"], key
+    manifests = keys(s3, bucket, f"{prefix}manifest/")
+    rows = []
+    for key in manifests:
+        rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())).to_pylist()
+    written = [r["id"] for r in rows if r["status"] == "written"]
+    assert len(written) == len(set(written)), "a row was written twice in the manifests"
+
+
+def test_flaky_s3_costs_retries_not_data(ray_cluster):
+    n = 40
+    source = put_input(ray_cluster, "flaky", n)
+    output = f"s3://{ray_cluster.bucket}/runs/flaky/"
+    with FaultProxy(ray_cluster.s3_endpoint, rate=0.12, seed=7) as proxy:
+        env = {**ray_cluster.env, "AWS_ENDPOINT_URL": proxy.url}
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "jobs.generate", "--input", source, "--output", output, *FAST],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = summary(result)
+    assert counts["written"] == str(n) and counts["failed"] == "0", counts
+    faults, forwarded = dict(proxy.faults), dict(proxy.forwarded)
+    print(f"S3 faults injected {faults}, requests forwarded {forwarded}, job {took:.1f}s")
+    assert sum(faults.values()) >= 10 and faults.get("PUT", 0) >= 3, faults
+    assert_exactly_once(ray_cluster, "runs/flaky/", n)
+
+
+def stage_actors(cluster, stage: str) -> list[dict]:
+    """Live Ray Data workers of a stage (their class names name the stage's callable class)."""
+    alive = cluster.driver(
+        "from ray.util.state import list_actors\n"
+        "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000, detail=True)\n"
+        "print(json.dumps([{'class': a.class_name, 'name': a.name, 'pid': a.pid} for a in alive]))\n"
+    )
+    return [a for a in alive if stage in (a["class"] or "")]
+
+
+@pytest.mark.parametrize("stage", ["DenoiseStage"])
+def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(ray_cluster, stage):
+    n = 120
+    source = put_input(ray_cluster, "worker-kill", n)
+    prefix = "runs/worker-kill/"
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
+    slow = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *slow],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(keys(s3, bucket, f"{prefix}metadata/")) < 10 and time.monotonic() < deadline:
+            assert process.poll() is None, "the job ended before a worker could be killed"
+            time.sleep(0.2)
+        victims = stage_actors(ray_cluster, stage)
+        assert victims, f"no live {stage} actor"
+        os.kill(victims[0]["pid"], signal.SIGKILL)  # the worker process dies, as on a node failure
+        done_at_kill = len(keys(s3, bucket, f"{prefix}metadata/"))
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert done_at_kill < n, "the job was done before the kill took effect"
+    assert process.returncode == 0, stderr[-3000:]
+    line = [x for x in stdout.splitlines() if x.startswith("written=")][-1]
+    counts = dict(part.split("=", 1) for part in line.split())
+    assert counts["written"] == str(n) and counts["failed"] == "0", counts
+    assert_exactly_once(ray_cluster, prefix, n)
+    print(f"killed {victims[0]['class']} pid {victims[0]['pid']} after {done_at_kill} rows; job completed")
