@@ -122,3 +122,42 @@ def test_s3_prefix_and_single_file_inputs(ray_cluster, monkeypatch):
     assert keys == ["other.txt"] and [r["prompt"] for r in records(storage, "other.txt", DEFAULTS)] == ["z"]
     with pytest.raises(StorageError, match="no input files"):
         split_input_uri(f"s3://{ray_cluster.bucket}/nothing-here/", endpoint)
+
+
+HOSTILE_IDS = [
+    "../x",
+    "..",
+    ".",
+    "a/b",
+    "/etc/passwd",
+    "a\\b",
+    "..\\..\\x",
+    "%2e%2e%2fx",
+    "x\x00y",
+    "a" * 129,
+    "-x",
+    "",
+]
+
+
+@pytest.mark.parametrize("row_id", HOSTILE_IDS)
+def test_ids_that_could_leave_the_output_prefix_are_invalid_rows(tmp_path, row_id):
+    (record,) = read(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "id": row_id}) + "\n")
+    if row_id == "":  # blank: the row gets the derived id instead
+        assert record["id"] == "p-0000001" and record["status"] == "pending"
+        return
+    assert record["status"] == "invalid" and record["reason"].startswith("id:"), record
+
+
+@pytest.mark.parametrize(
+    "key", ["../../etc/passwd.jsonl", "a/../../b.csv", "..\\..\\x.txt", "/abs/p.jsonl", "....jsonl", "x/.hidden.txt"]
+)
+def test_derived_ids_from_odd_file_names_stay_one_safe_path_segment(key):
+    from jobs.prompts import ID_PATTERN, file_id
+    from jobs.stages import image_key, metadata_key
+
+    row_id = f"{file_id(key)}-0000001"
+    assert ID_PATTERN.match(row_id), row_id
+    for out_key in (image_key(row_id, "png"), metadata_key(row_id)):
+        parts = out_key.split("/")
+        assert len(parts) == 2 and parts[1] not in ("", ".", "..") and not parts[1].startswith("."), out_key
