@@ -75,6 +75,9 @@ cluster_pids() {
         }'
 }
 
+HEAD_PID=""
+FAILED=""  # why the last start_node failed
+
 start_node() {  # NAME RAY-START-ARGS...: start one node in its own process group, wait until it is up
     local name=$1 log=$STATE_DIR/$1.log pid
     shift
@@ -88,10 +91,20 @@ start_node() {  # NAME RAY-START-ARGS...: start one node in its own process grou
             [ "$(ps -o pgid= -p "$pid" | tr -d ' ')" = "$pid" ] || abort "$name is not its own process group"
             return 0
         fi
-        alive "$pid" || { tail -n 20 "$log" >&2; abort "$name exited during start (log: $log)"; }
+        alive "$pid" || { FAILED="$name exited during start (log: $log)"; return 1; }
+        # A head that dies after its start (a component failing) leaves workers waiting in vain.
+        if [ -n "$HEAD_PID" ] && ! alive "$HEAD_PID"; then
+            FAILED="the head exited while $name started (log: $STATE_DIR/head.log)"
+            return 1
+        fi
         sleep 0.5
     done
-    abort "$name did not start in 120 s (log: $log)"
+    FAILED="$name did not start in 120 s (log: $log)"
+    return 1
+}
+
+port_taken() {  # whether a node log says a port chosen for it was taken in the meantime
+    grep -qiE "failed to bind|address already in use|port .* (is )?(already )?in use" "$STATE_DIR"/*.log 2>/dev/null
 }
 
 abort() {  # a failed start leaves nothing running
@@ -106,9 +119,27 @@ start() {
         die "a cluster recorded in $STATE_DIR is running; stop it first"
     fi
     mkdir -p "$STATE_DIR"
+    # Ports are chosen free, but another process may take one before Ray binds it: then the
+    # cluster is stopped and started again on new ports (three tries).
+    local attempt
+    for attempt in 1 2 3; do
+        if start_once; then
+            print_usage
+            return 0
+        fi
+        echo "local_cluster.sh: $FAILED" >&2
+        stop >/dev/null 2>&1 || true
+        [ "$attempt" -lt 3 ] && port_taken || break
+        echo "local_cluster.sh: a port was taken meanwhile; starting again on new ports" >&2
+    done
+    die "$FAILED"
+}
+
+start_once() {
     rm -f "$NODES" "$STATE" "$STATE_DIR"/*.log
+    HEAD_PID=""
     # A short temp dir: Ray's Unix socket paths under it must stay below 108 bytes.
-    local temp_dir gcs_port dashboard_port
+    local temp_dir
     temp_dir=$(mktemp -d /tmp/fxr-XXXXXX)
     gcs_port=$(free_port)
     dashboard_port=$(free_port)
@@ -132,11 +163,17 @@ EOF
     local common=(--node-ip-address=127.0.0.1 --disable-usage-stats)
     start_node head --head "${common[@]}" --node-name=head --num-cpus=0 --temp-dir="$temp_dir" \
         --port="$gcs_port" --dashboard-port="$dashboard_port" --include-dashboard=true \
-        --ray-client-server-port="$(free_port)" --dashboard-agent-listen-port="$(free_port)"
+        --ray-client-server-port="$(free_port)" --dashboard-agent-listen-port="$(free_port)" || return 1
+    HEAD_PID=$(awk '$1 == "head" { print $2 }' "$NODES")
     for i in $(seq "$WORKERS"); do
         start_node "worker-$i" --address="127.0.0.1:$gcs_port" "${common[@]}" --node-name="worker-$i" \
-            --num-cpus="$CPUS_PER_WORKER" --dashboard-agent-listen-port="$(free_port)"
+            --num-cpus="$CPUS_PER_WORKER" --dashboard-agent-listen-port="$(free_port)" || return 1
     done
+    # Up only if the head survived its workers' start too.
+    alive "$HEAD_PID" || { FAILED="the head exited (log: $STATE_DIR/head.log)"; return 1; }
+}
+
+print_usage() {
     cat <<EOF
 Ray cluster up: head (0 CPUs) + $WORKERS worker(s) x $CPUS_PER_WORKER CPUs, token auth. Its state: $STATE_DIR
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token   # or: set -a; . $STATE; set +a
