@@ -29,6 +29,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
+
 SUBJECTS = ["a red fox", "a lighthouse", "an owl", "a bowl of fruit", "a robot", "a forest house"]
 
 
@@ -171,10 +173,7 @@ def main() -> None:
             round(j["images_per_s_generation"] / lp["images_per_s"], 3) for j, lp in zip(jobs, loops)
         ],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
 from serve_load import percentile, start_service  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of fruit", "an owl in the rain"]
@@ -170,10 +170,7 @@ def main() -> None:
         ),
         "healthy_after": healthy,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ so the Serve graph's per-request cost is a measured difference, not a guess.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
@@ -29,6 +28,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
+
 PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of fruit", "an owl in the rain"]
 
 
@@ -183,10 +184,7 @@ def main() -> None:
             ),
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

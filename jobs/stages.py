@@ -146,10 +146,14 @@ def _objects(n: int) -> np.ndarray:
     return np.full(n, None, dtype=object)
 
 
-def _device(device: str) -> torch.device:
+def _runtime(model: str, device: str, dtype: str | None, threads: int | None):
+    """(source, device, dtype) for a model stage's actor, applying its torch thread count first."""
     from fluxray.pipeline import pick_device
 
-    return pick_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    return resolve_model(model), dev, _dtype(dtype, dev)
 
 
 class SkipWritten:
@@ -174,10 +178,7 @@ class EncodeStage:
     def __init__(
         self, model: str, device: str, dtype: str | None, threads: int | None, speed: SpeedOptions | None = None
     ):
-        if threads:
-            torch.set_num_threads(threads)
-        dev = _device(device)
-        self.encoder = TextEncoder.load(resolve_model(model), dev, _dtype(dtype, dev), speed)
+        self.encoder = TextEncoder.load(*_runtime(model, device, dtype, threads), speed)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -212,11 +213,7 @@ class DenoiseStage:
         output_format: str,
         speed: SpeedOptions | None = None,
     ):
-        if threads:
-            torch.set_num_threads(threads)
-        self.device = _device(device)
-        self.dtype = _dtype(dtype, self.device)
-        self.source = resolve_model(model)
+        self.source, self.device, self.dtype = _runtime(model, device, dtype, threads)
         self.transformer = load_transformer(self.source, self.device, self.dtype, speed)
         self.output_format = output_format
 
@@ -262,11 +259,8 @@ class DecodeStage:
         output_format: str,
         speed: SpeedOptions | None = None,
     ):
-        if threads:
-            torch.set_num_threads(threads)
-        dev = _device(device)
-        self.source = resolve_model(model)
-        self.decoder = VAEDecoder.load(self.source, dev, _dtype(dtype, dev), speed)
+        self.source, dev, torch_dtype = _runtime(model, device, dtype, threads)
+        self.decoder = VAEDecoder.load(self.source, dev, torch_dtype, speed)
         self.output_format = output_format
 
     def __call__(self, batch: dict) -> dict:
