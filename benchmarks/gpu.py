@@ -7,6 +7,12 @@ small dependencies) ride in this checkout's ignored `.whl/` folder:
 
     pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python benchmarks/gpu.py
 
+On a fresh checkout, fetch those wheels first (the device has Python 3.12 and no package index):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
+        typing-inspection==0.4.2 importlib-metadata==8.7.0 typing-extensions==4.15.0
+
 Here, on the CPU, the same code path on the tiny model (int8 stands in for fp8, which needs a GPU):
 
     python benchmarks/gpu.py --model tiny --device cpu --quick
