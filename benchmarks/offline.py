@@ -39,6 +39,8 @@ class MemorySampler(threading.Thread):
 
     USS (memory unique to the process) is what grows if a process leaks; RSS also counts the
     shared object-store pages a worker has touched, which belong to Ray's plasma store, not to it.
+    USS itself still counts plasma pages that only this worker has touched so far (it wrote the
+    objects there), so `own` is USS outside the plasma mapping: the worker's own heap.
     """
 
     def __init__(self, pid: int):
@@ -48,8 +50,14 @@ class MemorySampler(threading.Thread):
 
     def _record(self, name: str, process: psutil.Process) -> None:
         info = process.memory_full_info()
-        peak = self.peaks.setdefault(name, {"uss": 0, "rss": 0})
+        own = sum(
+            m.private_clean + m.private_dirty
+            for m in process.memory_maps(grouped=True)
+            if "plasma" not in m.path and not m.path.startswith("/dev/shm")
+        )
+        peak = self.peaks.setdefault(name, {"uss": 0, "rss": 0, "own": 0})
         peak["uss"], peak["rss"] = max(peak["uss"], info.uss), max(peak["rss"], info.rss)
+        peak["own"] = max(peak["own"], own)
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -117,6 +125,7 @@ def run_job(count: int, size: int, steps: int, workdir: Path) -> dict:
         "wall_s": round(wall, 1),
         "peak_uss_mib": sampler.mib("uss"),
         "peak_rss_mib": sampler.mib("rss"),
+        "peak_own_mib": sampler.mib("own"),
     }
 
 
@@ -168,6 +177,10 @@ def main() -> None:
         "uss_growth_mib_first_to_last": {
             name: round(jobs[-1]["peak_uss_mib"][name] - jobs[0]["peak_uss_mib"].get(name, 0.0), 1)
             for name in jobs[-1]["peak_uss_mib"]
+        },
+        "own_growth_mib_first_to_last": {
+            name: round(jobs[-1]["peak_own_mib"][name] - jobs[0]["peak_own_mib"].get(name, 0.0), 1)
+            for name in jobs[-1]["peak_own_mib"]
         },
         "job_vs_loop_images_per_s": [
             round(j["images_per_s_generation"] / lp["images_per_s"], 3) for j, lp in zip(jobs, loops)
