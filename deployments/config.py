@@ -6,16 +6,13 @@ are the serve config's `deployments:` entries, which Serve itself applies and va
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fluxray.acceleration import SpeedOptions
-from fluxray.params import MAX_PROMPT_CHARS
-
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+from fluxray.params import MAX_PROMPT_CHARS, parse_size
 
 
 class ObjectStoreConfig(BaseModel):
@@ -92,22 +89,16 @@ class AppConfig(BaseModel):
     @field_validator("default_size")
     @classmethod
     def _size(cls, value: str) -> str:
-        if not _SIZE.match(value):
-            raise ValueError("default_size must look like 1024x1024")
+        try:
+            parse_size(value)
+        except ValueError:
+            raise ValueError("default_size must look like 1024x1024") from None
         return value
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         from fluxray.pipeline import default_dtype
 
         return default_dtype(device) if self.dtype == "auto" else getattr(torch, self.dtype)
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'WxH' -> (width, height); ValueError otherwise."""
-    match = _SIZE.match(size.strip())
-    if not match:
-        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 1024x768 (got {size!r})")
-    return int(match[1]), int(match[2])
 
 
 def replica_runtime(config: AppConfig):

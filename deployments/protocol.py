@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxray.params import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_STEPS, SEED_LIMIT, GenerationParams
+from fluxray.params import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    SEED_LIMIT,
+    GenerationParams,
+    parse_size,
+)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -91,8 +99,6 @@ PARAM_OF_FIELD = {"width": "size", "height": "size"}
 
 def to_generation_params(request: ImageGenerationRequest, default_size: str) -> GenerationParams:
     """The engine's params for a request; pydantic.ValidationError (or ValueError for size) if invalid."""
-    from deployments.config import parse_size
-
     size = request.size if request.size not in (None, "auto") else default_size
     width, height = parse_size(size)
     fields = {

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fluxray.params import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
+from fluxray.params import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_size
 
 Switch = Literal["auto", "on", "off"]
 Quantize = Literal["none", "fp8", "int8", "nf4"]
@@ -45,8 +44,6 @@ _CPU_ATTENTION = ("auto", "sdpa", "math")
 
 VAE_TILE_ABOVE = 2048  # vae_tiling=auto tiles images with a side above this many pixels
 WARMUP_BATCHES = (1, 2)  # dynamic shapes still specialise batch 1, so both get compiled at warm-up
-
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 class SpeedOptionError(ValueError):
@@ -108,8 +105,10 @@ class SpeedOptions(BaseModel):
     @classmethod
     def _check_sizes(cls, sizes: list[str]) -> list[str]:
         for size in sizes:
-            match = _SIZE.match(size)
-            sides = (int(match[1]), int(match[2])) if match else ()
+            try:
+                sides = parse_size(size)
+            except ValueError:
+                sides = ()
             if not sides or any(s < MIN_SIDE or s > MAX_SIDE or s % SIDE_MULTIPLE for s in sides):
                 raise ValueError(
                     f"warmup size {size!r} must be WIDTHxHEIGHT, multiples of {SIDE_MULTIPLE} in {MIN_SIDE}-{MAX_SIDE}"
@@ -214,7 +213,7 @@ def resolve(options: SpeedOptions | None, device: torch.device | str, stage: Sta
     mode = None if options.compile_mode == "default" else options.compile_mode
     if cuda_graphs:
         mode = "reduce-overhead" if mode is None else "max-autotune"
-    sizes = tuple((int(w), int(h)) for w, h in (size.split("x") for size in options.warmup_sizes))
+    sizes = tuple(parse_size(size) for size in options.warmup_sizes)
     return ResolvedSpeed(
         compile=compile_,
         compile_dynamic=options.compile_dynamic,

@@ -7,6 +7,7 @@ in one place and every error message names the field it is about.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Literal
@@ -25,6 +26,16 @@ MAX_GUIDANCE = 20.0
 SEED_LIMIT = 2**63
 
 ImageFormat = Literal["png", "jpeg", "webp"]
+
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height); ValueError otherwise. Only the form: the bounds are GenerationParams'."""
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"size must be WIDTHxHEIGHT, e.g. 1024x768 (got {size!r})")
+    return int(match[1]), int(match[2])
 
 
 def _check_side(name: str, value: int) -> int:

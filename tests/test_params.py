@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fluxray.params import GenerationParams, describe_validation_error
+from fluxray.params import GenerationParams, describe_validation_error, parse_size
 from fluxray.specs import SPECS
 
 
@@ -69,3 +69,9 @@ def test_guidance_schedule_constant_and_linear_ramp():
     assert constant.guidance_per_step() == [3.5, 3.5, 3.5, 3.5]
     ramp = GenerationParams(prompt="a", num_inference_steps=5, guidance_scale=1.0, guidance_scale_end=5.0).resolve(spec)
     assert ramp.guidance_per_step() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_parse_size():
+    assert parse_size("1360x768") == (1360, 768)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("1360*768")

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build_app
-from deployments.config import AppConfig, parse_size
+from deployments.config import AppConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "deployments" / "configs").glob("*.yaml"))
 STAGES = {"Ingress", "TextEncoder", "Denoiser", "VAEDecoder"}
@@ -73,9 +73,3 @@ def test_builder_takes_a_dict_and_names_the_four_stages():
 def test_bad_app_args_are_refused_naming_the_field(args, field):
     with pytest.raises(ValidationError, match=field):
         AppConfig.model_validate(args)
-
-
-def test_parse_size():
-    assert parse_size("1360x768") == (1360, 768)
-    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-        parse_size("1360*768")
