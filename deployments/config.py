@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.guard import API_KEYS_ENV
 from fluxray.acceleration import SpeedOptions
 from fluxray.params import MAX_PROMPT_CHARS, parse_size
 
@@ -54,7 +55,7 @@ class AppConfig(BaseModel):
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 429 and 503.")
     api_keys_env: str = Field(
-        default="FLUXRAY_API_KEYS",
+        default=API_KEYS_ENV,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Environment variable holding the comma-separated API keys; unset or empty means no keys. "
         "Keys belong in the replicas' environment (a Kubernetes Secret), never in a serve config.",

@@ -58,6 +58,7 @@ class ApiKeys:
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
+    """The API's one error shape, OpenAI's: {"error": {"message", "type", "param", "code"}}."""
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
 
 
@@ -100,8 +101,6 @@ class RequestGuard:
         headers = dict(scope.get("headers") or [])
         if path not in OPEN_PATHS and not policy.keys.allows(headers.get(b"authorization")):
             return await self._reject(
-                policy,
-                scope,
                 send,
                 401,
                 error_body("missing or invalid API key; send Authorization: Bearer <key>", "authentication_error"),
@@ -115,12 +114,10 @@ class RequestGuard:
             code="request_too_large",
         )
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > policy.max_body_bytes):
-            if not declared.isdigit():
-                return await self._reject(
-                    policy, scope, send, 400, error_body("invalid Content-Length header", "invalid_request_error")
-                )
-            return await self._reject(policy, scope, send, 413, too_large)
+        if declared is not None and not declared.isdigit():
+            return await self._reject(send, 400, error_body("invalid Content-Length header", "invalid_request_error"))
+        if declared is not None and int(declared) > policy.max_body_bytes:
+            return await self._reject(send, 413, too_large)
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -129,7 +126,7 @@ class RequestGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > policy.max_body_bytes:
-                return await self._reject(policy, scope, send, 413, too_large)
+                return await self._reject(send, 413, too_large)
         replayed = False
 
         async def replay():
@@ -142,7 +139,7 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
     @staticmethod
-    async def _reject(policy: GuardPolicy, scope, send, status: int, body: bytes, headers=()) -> None:
+    async def _reject(send, status: int, body: bytes, headers=()) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -160,7 +157,7 @@ class RequestGuard:
 def route_path(scope) -> str:
     """The request's path within the application (without the route prefix Serve mounts it at)."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] or "/" if root and path.startswith(root) else path
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
 def _timed(send, path: str, on_answer: Callable[[str, int, float], None]):

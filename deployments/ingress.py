@@ -13,7 +13,7 @@ import time
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from ray import serve
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 import fluxray
 from deployments.config import AppConfig
-from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
+from deployments.guard import ApiKeys, GuardPolicy, RequestGuard, error_body
 from deployments.metrics import IngressMetrics
 from deployments.object_store import ObjectStore
 from deployments.protocol import (
@@ -44,7 +44,6 @@ from fluxray.pipeline import image_metadata
 from fluxray.sources import resolve_model
 
 SEED_HEADER = "X-Seed"
-ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz"})
 # A stage replica that died (or is being replaced) under a request: the request is safe to run again.
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
@@ -82,9 +81,9 @@ class APIError(Exception):
         self.code = code
 
 
-def _error_response(error: APIError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+def _error_response(error: APIError) -> Response:
+    body = error_body(error.message, error.kind, error.param, error.code)
+    return Response(body, status_code=error.status, headers=error.headers, media_type="application/json")
 
 
 ERRORS = {
@@ -109,12 +108,12 @@ API_KEY = [Security(HTTPBearer(auto_error=False, description="One of FLUXRAY_API
 
 
 @app.exception_handler(APIError)
-async def _api_error(_: Request, error: APIError) -> JSONResponse:
+async def _api_error(_: Request, error: APIError) -> Response:
     return _error_response(error)
 
 
 @app.exception_handler(HTTPException)
-async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: HTTPException) -> Response:
     """Unknown paths, wrong methods, unparseable bodies: the same error shape as everything else."""
     kinds = {404: "not_found_error", 405: "invalid_request_error"}
     message = error.detail if isinstance(error.detail, str) else "invalid request"
@@ -124,14 +123,14 @@ async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
 
 
 @app.exception_handler(Exception)
-async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+async def _unexpected(_: Request, error: Exception) -> Response:
     """A bug or an unforeseen failure: logged here, answered without internals."""
     logger.exception("unexpected error", exc_info=error)
     return _error_response(APIError(500, "internal error; it has been logged", kind="server_error"))
 
 
 @app.exception_handler(RequestValidationError)
-async def _invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _invalid_body(_: Request, error: RequestValidationError) -> Response:
     first = error.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
@@ -158,13 +157,15 @@ class Ingress:
         self.started = int(time.time())
         self.in_flight = 0
         self.metrics = IngressMetrics()
+        # Metric labels: the app's own routes, and "other" for any path a client makes up.
+        self.routes = frozenset(route.path for route in app.routes)
         self.retries = 0
         keys = ApiKeys.from_env(self.config.api_keys_env)
         RequestGuard.configure(GuardPolicy(keys, self.config.max_body_bytes, self._answered))
         logger.info("API keys %s", f"required ({len(keys)} accepted)" if keys.enabled else "not required")
 
     def _answered(self, path: str, status: int, seconds: float) -> None:
-        self.metrics.answered(path if path in ROUTES else "other", status, seconds)
+        self.metrics.answered(path if path in self.routes else "other", status, seconds)
 
     def _params(self, request: ImageGenerationRequest) -> GenerationParams:
         if request.model not in (None, self.model_name):
