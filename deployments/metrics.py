@@ -9,6 +9,10 @@ alongside. Metric objects are made inside each replica, where Serve's context ta
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
@@ -58,6 +62,15 @@ class StageMetrics:
         )
         self.latency.set_default_tags({"stage": stage})
         self.batch.set_default_tags({"stage": stage})
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Observe the stage latency of the block, however it ends."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.latency.observe(time.monotonic() - started)
 
 
 class DenoiserMetrics(StageMetrics):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,11 +58,8 @@ class TextEncoderDeployment:
 
     async def encode(self, prompt: str, prompt_2: str | None = None, negative_prompt: str | None = None):
         """EncodedPrompt of one request (negative_prompt only when the request uses true CFG)."""
-        started = time.monotonic()
-        try:
+        with self.metrics.timed():
             return await self.encode_batch((prompt, prompt_2, negative_prompt))
-        finally:
-            self.metrics.latency.observe(time.monotonic() - started)
 
     def stats(self) -> dict:
         return {"cache_entries": len(self.cache), "cache_hits": self.hits, "cache_misses": self.misses}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -62,11 +61,8 @@ class VAEDecoderDeployment:
 
     async def decode(self, latents: torch.Tensor, request: DecodeRequest) -> list[bytes]:
         """The request's images as files (PNG with metadata, JPEG or WebP), one per latent row."""
-        started = time.monotonic()
-        try:
+        with self.metrics.timed():
             return await self.decode_batch((latents, request))
-        finally:
-            self.metrics.latency.observe(time.monotonic() - started)
 
     def stats(self) -> dict:
         return {"largest_batch": self.largest_batch}
