@@ -200,14 +200,18 @@ class Cluster:
             f"print(json.dumps(getattr(h, {method!r}).remote().result()))\n"
         )
 
-    def replica_actors(self, app: str, deployment: str) -> list[str]:
-        """Names of the live replica actors of a deployment."""
+    def live_actors(self) -> list[dict]:
+        """Every live actor of the cluster: its class name, actor name and worker pid."""
         return self.driver(
             "from ray.util.state import list_actors\n"
-            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000)\n"
-            f"prefix = 'SERVE_REPLICA::{app}#{deployment}#'\n"
-            "print(json.dumps(sorted(a.name for a in alive if (a.name or '').startswith(prefix))))\n"
+            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000, detail=True)\n"
+            "print(json.dumps([{'class': a.class_name, 'name': a.name, 'pid': a.pid} for a in alive]))\n"
         )
+
+    def replica_actors(self, app: str, deployment: str) -> list[str]:
+        """Names of the live replica actors of a deployment."""
+        prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+        return sorted(a["name"] for a in self.live_actors() if (a["name"] or "").startswith(prefix))
 
     def kill_actor(self, name: str) -> None:
         """ray.kill a (Serve replica) actor, as a crash would end it; Serve must replace it."""

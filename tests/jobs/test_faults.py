@@ -69,12 +69,7 @@ def test_flaky_s3_costs_retries_not_data(ray_cluster):
 
 def stage_actors(cluster, stage: str) -> list[dict]:
     """Live Ray Data workers of a stage (their class names name the stage's callable class)."""
-    alive = cluster.driver(
-        "from ray.util.state import list_actors\n"
-        "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000, detail=True)\n"
-        "print(json.dumps([{'class': a.class_name, 'name': a.name, 'pid': a.pid} for a in alive]))\n"
-    )
-    return [a for a in alive if stage in (a["class"] or "")]
+    return [a for a in cluster.live_actors() if stage in (a["class"] or "")]
 
 
 @pytest.mark.parametrize("stage", ["DenoiseStage"])
