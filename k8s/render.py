@@ -240,24 +240,31 @@ def cluster(variant: Variant, job: bool) -> dict:
     return {**spec, "headGroupSpec": head, "workerGroupSpecs": [worker]}
 
 
+def metadata(name: str) -> dict:
+    return {"name": name, "labels": {"app.kubernetes.io/name": "fluxray"}}
+
+
+def ray_resource(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": kind, "metadata": metadata(name), "spec": spec}
+
+
 def rayservice(variant: Variant) -> dict:
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayService",
-        "metadata": {"name": "fluxray", "labels": {"app.kubernetes.io/name": "fluxray"}},
-        "spec": {
+    return ray_resource(
+        "RayService",
+        "fluxray",
+        {
             "serveConfigV2": variant.serve_config,
             # The head has no replica; its proxy would only add a hop.
             "excludeHeadPodFromServeSvc": True,
             # The one Service for clients: Serve's port only. The operator sets its selector to the pods
             # whose proxy is ready; the head Service (dashboard, GCS, client) stays ClusterIP-internal.
             "serveService": {
-                "metadata": {"name": "fluxray-serve", "labels": {"app.kubernetes.io/name": "fluxray"}},
+                "metadata": metadata("fluxray-serve"),
                 "spec": {"type": "ClusterIP", "ports": [{"name": "serve", "port": 8000, "targetPort": 8000}]},
             },
             "rayClusterConfig": cluster(variant, job=False),
         },
-    }
+    )
 
 
 def rayjob(variant: Variant) -> dict:
@@ -268,11 +275,10 @@ def rayjob(variant: Variant) -> dict:
         "env": AUTH_ENV,
         "resources": resources("500m", "1Gi"),
     }
-    return {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": {"name": "fluxray-generate", "labels": {"app.kubernetes.io/name": "fluxray"}},
-        "spec": {
+    return ray_resource(
+        "RayJob",
+        "fluxray-generate",
+        {
             "entrypoint": variant.entrypoint,
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,  # delete the Ray cluster when the job ends ...
@@ -286,7 +292,7 @@ def rayjob(variant: Variant) -> dict:
             },
             "rayClusterSpec": cluster(variant, job=True),
         },
-    }
+    )
 
 
 class _Dumper(yaml.SafeDumper):
