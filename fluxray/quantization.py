@@ -8,6 +8,7 @@ would touch every token.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -121,8 +122,12 @@ def is_modulation(module: nn.Module) -> bool:
     return type(module).__name__.startswith("AdaLayerNorm")
 
 
+@functools.cache
 def fp8_matmul_works(device: torch.device) -> str | None:
-    """None when this device runs rowwise-scaled fp8 matmuls, else the reason it does not."""
+    """None when this device runs rowwise-scaled fp8 matmuls, else the reason it does not.
+
+    Probed once per device and process: every stage's check (Pipeline.load checks them all up
+    front, then the transformer's loader again) asks the same question."""
     try:
         layer = Float8Linear(nn.Linear(32, 16, device=device, dtype=torch.bfloat16))
         for rows in (1, 16):  # one row: a batch-of-one GEMV
