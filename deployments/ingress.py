@@ -44,6 +44,9 @@ from fluxray.pipeline import image_metadata
 from fluxray.sources import resolve_model
 
 SEED_HEADER = "X-Seed"
+# Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
+# in a replica, Serve mounts the app's routes under a router entry that has no single path.)
+ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz"})
 # A stage replica that died (or is being replaced) under a request: the request is safe to run again.
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 
@@ -157,15 +160,13 @@ class Ingress:
         self.started = int(time.time())
         self.in_flight = 0
         self.metrics = IngressMetrics()
-        # Metric labels: the app's own routes, and "other" for any path a client makes up.
-        self.routes = frozenset(route.path for route in app.routes)
         self.retries = 0
         keys = ApiKeys.from_env(self.config.api_keys_env)
         RequestGuard.configure(GuardPolicy(keys, self.config.max_body_bytes, self._answered))
         logger.info("API keys %s", f"required ({len(keys)} accepted)" if keys.enabled else "not required")
 
     def _answered(self, path: str, status: int, seconds: float) -> None:
-        self.metrics.answered(path if path in self.routes else "other", status, seconds)
+        self.metrics.answered(path if path in ROUTES else "other", status, seconds)
 
     def _params(self, request: ImageGenerationRequest) -> GenerationParams:
         if request.model not in (None, self.model_name):
