@@ -213,9 +213,28 @@ class Cluster:
         prefix = f"SERVE_REPLICA::{app}#{deployment}#"
         return sorted(a["name"] for a in self.live_actors() if (a["name"] or "").startswith(prefix))
 
-    def kill_actor(self, name: str) -> None:
-        """ray.kill a (Serve replica) actor, as a crash would end it; Serve must replace it."""
-        self.driver(f"ray.kill(ray.get_actor({name!r}, namespace='serve'), no_restart=True)\nprint('true')\n")
+    def kill_busy_replica(self, app: str, deployment: str, within_s: float = 60) -> str:
+        """ray.kill the replica of a deployment holding the most requests right now (a crash under
+        load, not an idle replica's), asking each replica its ongoing-request count as Serve's
+        router does. Returns the killed actor's name."""
+        return self.driver(
+            "import time\n"
+            "from ray.util.state import list_actors\n"
+            f"prefix, deadline = {f'SERVE_REPLICA::{app}#{deployment}#'!r}, time.monotonic() + {within_s}\n"
+            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000)\n"
+            "replicas = [ray.get_actor(a.name, namespace='serve') for a in alive if (a.name or '').startswith(prefix)]\n"
+            "names = [a.name for a in alive if (a.name or '').startswith(prefix)]\n"
+            "while time.monotonic() < deadline:\n"
+            "    ongoing = ray.get([r.get_num_ongoing_requests.remote() for r in replicas], timeout=30)\n"
+            "    busiest = max(range(len(replicas)), key=ongoing.__getitem__)\n"
+            "    if ongoing[busiest] >= 2:\n"
+            "        ray.kill(replicas[busiest], no_restart=True)\n"
+            "        print(json.dumps(names[busiest]))\n"
+            "        break\n"
+            "    time.sleep(0.1)\n"
+            "else:\n"
+            "    raise SystemExit(f'no {deployment} replica of {app} was busy')\n"
+        )
 
     def stop(self) -> None:
         self.run("ray", "stop", "--force", timeout=120)
