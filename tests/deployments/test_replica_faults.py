@@ -1,8 +1,9 @@
 """A Denoiser replica killed under load: accepted requests still complete, Serve replaces it.
 
 The "guarded" application runs two Denoiser replicas. Clients keep it busy; the replica holding
-the most requests is `ray.kill`ed mid-load (killing an idle one would prove nothing). Requests it held fail inside the graph with RayActorError and the ingress
-runs them again (the seed fixes the image, so the re-run is the same image); clients only see 200s.
+the most requests is `ray.kill`ed mid-load (killing an idle one would prove nothing). Requests it
+held fail inside the graph with RayActorError and the ingress runs them again (the seed fixes the
+image, so the re-run is the same image); clients only see 200s.
 Serve's controller notices the dead actor and starts a new replica; `serve status` reports it.
 """
 
