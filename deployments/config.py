@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.guard import API_KEYS_ENV
@@ -96,18 +95,9 @@ class AppConfig(BaseModel):
             raise ValueError("default_size must look like 1024x1024") from None
         return value
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        from fluxray.pipeline import default_dtype
-
-        return default_dtype(device) if self.dtype == "auto" else getattr(torch, self.dtype)
-
 
 def replica_runtime(config: AppConfig):
     """(source, device, dtype) for a replica, applying torch_threads first."""
-    from fluxray.pipeline import pick_device
-    from fluxray.sources import resolve_model
+    from fluxray.pipeline import stage_runtime
 
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    device = pick_device(config.device)
-    return resolve_model(config.model), device, config.torch_dtype(device)
+    return stage_runtime(config.model, config.device, config.dtype, config.torch_threads)

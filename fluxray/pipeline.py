@@ -34,6 +34,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def stage_runtime(
+    model: str | None, device: str | None = None, dtype: str | None = None, threads: int | None = None
+) -> tuple[ModelSource, torch.device, torch.dtype]:
+    """(source, device, dtype) for a process that runs model stages (a Serve replica, a Ray Data
+    actor): its torch thread count applied first, `auto`/None device and dtype resolved."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    torch_dtype = default_dtype(dev) if dtype in (None, "auto") else getattr(torch, dtype)
+    return resolve_model(model), dev, torch_dtype
+
+
 def image_metadata(params: GenerationParams, seed: int, model: str) -> dict[str, Any]:
     """Every parameter needed to make an image again (no timestamps: same inputs, same bytes)."""
     return {

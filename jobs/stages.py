@@ -22,9 +22,9 @@ from ray.data.datasource import Datasource, ReadTask
 
 from fluxray.acceleration import SpeedOptions
 from fluxray.images import EXTENSIONS, MEDIA_TYPES, encode_image
-from fluxray.pipeline import default_dtype, denoise_task, image_metadata
+from fluxray.pipeline import denoise_task, image_metadata, stage_runtime
 from fluxray.sampling import denoise
-from fluxray.sources import load_transformer, resolve_model
+from fluxray.sources import load_transformer
 from fluxray.text_encoding import PromptEmbeds, TextEncoder
 from fluxray.vae import VAEDecoder
 from jobs.prompts import RECORD_FIELDS, JobDefaults, params_of, records
@@ -146,16 +146,6 @@ def _objects(n: int) -> np.ndarray:
     return np.full(n, None, dtype=object)
 
 
-def _runtime(model: str, device: str, dtype: str | None, threads: int | None):
-    """(source, device, dtype) for a model stage's actor, applying its torch thread count first."""
-    from fluxray.pipeline import pick_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    dev = pick_device(device)
-    return resolve_model(model), dev, _dtype(dtype, dev)
-
-
 class SkipWritten:
     """Marks pending rows whose metadata already exists: a finished record from an earlier run."""
 
@@ -178,7 +168,7 @@ class EncodeStage:
     def __init__(
         self, model: str, device: str, dtype: str | None, threads: int | None, speed: SpeedOptions | None = None
     ):
-        self.encoder = TextEncoder.load(*_runtime(model, device, dtype, threads), speed)
+        self.encoder = TextEncoder.load(*stage_runtime(model, device, dtype, threads), speed)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
@@ -213,7 +203,7 @@ class DenoiseStage:
         output_format: str,
         speed: SpeedOptions | None = None,
     ):
-        self.source, self.device, self.dtype = _runtime(model, device, dtype, threads)
+        self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
         self.transformer = load_transformer(self.source, self.device, self.dtype, speed)
         self.output_format = output_format
 
@@ -259,7 +249,7 @@ class DecodeStage:
         output_format: str,
         speed: SpeedOptions | None = None,
     ):
-        self.source, dev, torch_dtype = _runtime(model, device, dtype, threads)
+        self.source, dev, torch_dtype = stage_runtime(model, device, dtype, threads)
         self.decoder = VAEDecoder.load(self.source, dev, torch_dtype, speed)
         self.output_format = output_format
 
@@ -341,7 +331,3 @@ class WriteStage:
             return [_value(v) for v in batch[name]]
 
         return pa.table({f.name: column(f.name) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA)
-
-
-def _dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    return default_dtype(device) if dtype in (None, "auto") else getattr(torch, dtype)
