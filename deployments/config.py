@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.guard import API_KEYS_ENV
+from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES
 from fluxray.acceleration import SpeedOptions
 from fluxray.params import MAX_PROMPT_CHARS, parse_size
 
@@ -66,7 +66,7 @@ class AppConfig(BaseModel):
         description="Times a generation is re-run when a stage replica dies under it (safe: the seed fixes the image).",
     )
     max_body_bytes: int = Field(
-        default=256 * 1024, ge=1024, description="Largest request body accepted; beyond it, 413."
+        default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted; beyond it, 413."
     )
     max_prompt_chars: int = Field(
         default=MAX_PROMPT_CHARS,
