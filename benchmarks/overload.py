@@ -33,9 +33,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
-from serve_load import percentile, start_service  # noqa: E402
+from serve_load import PROMPTS, percentile, start_service  # noqa: E402
 
-PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of fruit", "an owl in the rain"]
+from fluxray.params import parse_size  # noqa: E402
 
 
 def replica_memory(app: str) -> dict[str, dict]:
@@ -60,7 +60,7 @@ def drive(
     url: str, clients: int, seconds: float, size: str = "128x128", steps: int = 4, headers: dict | None = None
 ) -> dict:
     """Send back-to-back requests from `clients` threads for `seconds`; the answers, tallied and checked."""
-    width, height = (int(v) for v in size.split("x"))
+    width, height = parse_size(size)
     stop = time.monotonic() + seconds
     lock = threading.Lock()
     codes: Counter = Counter()
@@ -73,7 +73,12 @@ def drive(
             while time.monotonic() < stop:
                 with lock:
                     i = next(seq)
-                body = {"prompt": PROMPTS[i % 4], "size": size, "num_inference_steps": steps, "seed": 50_000 + i}
+                body = {
+                    "prompt": PROMPTS[i % len(PROMPTS)],
+                    "size": size,
+                    "num_inference_steps": steps,
+                    "seed": 50_000 + i,
+                }
                 start = time.perf_counter()
                 try:
                     r = http.post(f"{url}/v1/images/generations", json=body)

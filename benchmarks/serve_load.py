@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
 
+from fluxray.params import parse_size  # noqa: E402
+
 PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of fruit", "an owl in the rain"]
 
 
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load-cpu.json"))
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
+    width, height = parse_size(args.size)
 
     process, url = (None, args.url) if args.url else start_service(Path(args.config))
     try:
