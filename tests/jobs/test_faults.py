@@ -15,7 +15,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from s3_fault_proxy import FaultProxy
-from test_generate_job import FAST, ROOT, keys, prompt_rows, summary
+from test_generate_job import FAST, ROOT, SLOW, job, keys, prompt_rows, summary
 
 
 def put_input(cluster, name: str, n: int) -> str:
@@ -47,19 +47,11 @@ def test_flaky_s3_costs_retries_not_data(ray_cluster):
     source = put_input(ray_cluster, "flaky", n)
     output = f"s3://{ray_cluster.bucket}/runs/flaky/"
     with FaultProxy(ray_cluster.s3_endpoint, rate=0.12, seed=7) as proxy:
-        env = {**ray_cluster.env, "AWS_ENDPOINT_URL": proxy.url}
         started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "jobs.generate", "--input", source, "--output", output, *FAST],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = job(ray_cluster, "--input", source, "--output", output, *FAST, endpoint=proxy.url)
         took = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = summary(result)
+    counts = summary(result.stdout)
     assert counts["written"] == str(n) and counts["failed"] == "0", counts
     faults, forwarded = dict(proxy.faults), dict(proxy.forwarded)
     print(f"S3 faults injected {faults}, requests forwarded {forwarded}, job {took:.1f}s")
@@ -79,9 +71,8 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     prefix = "runs/worker-kill/"
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
-    slow = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *slow],
+        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *SLOW],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -104,8 +95,7 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
             os.killpg(process.pid, signal.SIGKILL)
     assert done_at_kill < n, "the job was done before the kill took effect"
     assert process.returncode == 0, stderr[-3000:]
-    line = [x for x in stdout.splitlines() if x.startswith("written=")][-1]
-    counts = dict(part.split("=", 1) for part in line.split())
+    counts = summary(stdout)
     assert counts["written"] == str(n) and counts["failed"] == "0", counts
     assert_exactly_once(ray_cluster, prefix, n)
     print(f"killed {victims[0]['class']} pid {victims[0]['pid']} after {done_at_kill} rows; job completed")

@@ -23,10 +23,13 @@ from fluxray.params import GenerationParams
 ROOT = Path(__file__).resolve().parents[2]
 COUNT = 300
 FAST = ["--width", "64", "--height", "64", "--steps", "2", "--denoise-batch-size", "16", "--decode-batch-size", "16"]
+# Small batches: a job slow enough to be caught mid-way.
+SLOW = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
 
 
-def job(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**cluster.env, "AWS_ENDPOINT_URL": cluster.s3_endpoint}
+def job(cluster, *args: str, timeout: float = 600, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    """Run the job to its end against the cluster's S3 server (or `endpoint` in front of it)."""
+    env = {**cluster.env, "AWS_ENDPOINT_URL": endpoint or cluster.s3_endpoint}
     return subprocess.run(
         [sys.executable, "-m", "jobs.generate", *args],
         env=env,
@@ -37,8 +40,9 @@ def job(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProces
     )
 
 
-def summary(result: subprocess.CompletedProcess) -> dict:
-    line = [x for x in result.stdout.splitlines() if x.startswith("written=")][-1]
+def summary(stdout: str) -> dict:
+    """The job's last `written=... skipped=... invalid=... failed=...` line, as a dict."""
+    line = [x for x in stdout.splitlines() if x.startswith("written=")][-1]
     return dict(part.split("=", 1) for part in line.split())
 
 
@@ -82,7 +86,7 @@ def first_run(ray_cluster, s3_input):
 
 def test_s3_to_s3_writes_one_image_and_metadata_per_row(ray_cluster, first_run, tiny_pipeline):
     _, result = first_run
-    assert summary(result)["written"] == str(COUNT) and summary(result)["failed"] == "0"
+    assert summary(result.stdout)["written"] == str(COUNT) and summary(result.stdout)["failed"] == "0"
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     images, metadata = keys(s3, bucket, "runs/full/images/"), keys(s3, bucket, "runs/full/metadata/")
     assert len(images) == COUNT and len(metadata) == COUNT
@@ -115,7 +119,7 @@ def test_rerun_writes_nothing_new(ray_cluster, first_run, s3_input):
     before = {k: v for k, v in keys(s3, bucket, "runs/full/").items() if "/manifest/" not in k}
     result = job(ray_cluster, "--input", s3_input, "--output", output, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(result)["written"] == "0" and summary(result)["skipped"] == str(COUNT)
+    assert summary(result.stdout)["written"] == "0" and summary(result.stdout)["skipped"] == str(COUNT)
     after = {k: v for k, v in keys(s3, bucket, "runs/full/").items() if "/manifest/" not in k}
     assert after == before
 
@@ -124,9 +128,8 @@ def test_killed_mid_way_then_rerun_is_complete_exactly_once(ray_cluster, first_r
     output = f"s3://{ray_cluster.bucket}/runs/killed/"
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
-    slow = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.generate", "--input", s3_input, "--output", output, *slow],
+        [sys.executable, "-m", "jobs.generate", "--input", s3_input, "--output", output, *SLOW],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -144,7 +147,7 @@ def test_killed_mid_way_then_rerun_is_complete_exactly_once(ray_cluster, first_r
 
     result = job(ray_cluster, "--input", s3_input, "--output", output, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    counts = summary(result)
+    counts = summary(result.stdout)
     assert int(counts["skipped"]) >= done_before and int(counts["written"]) + int(counts["skipped"]) == COUNT
     images, metadata = keys(s3, bucket, "runs/killed/images/"), keys(s3, bucket, "runs/killed/metadata/")
     assert len(images) == COUNT and len(metadata) == COUNT
@@ -170,7 +173,7 @@ def test_formats_invalid_rows_and_local_output(ray_cluster, tmp_path):
     out = tmp_path / "out"
     result = job(ray_cluster, "--input", str(inputs), "--output", str(out), *FAST, "--format", "webp")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(result)["written"] == "5" and summary(result)["invalid"] == "3"
+    assert summary(result.stdout)["written"] == "5" and summary(result.stdout)["invalid"] == "3"
     written = sorted(p.name for p in (out / "images").iterdir())
     assert written == ["a-0000002.webp", "a-0000003.webp", "c-0000001.webp", "c-0000002.webp", "robot.webp"]
     assert not list(out.rglob("*.tmp"))
