@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "deployments" / "configs" / "local.yaml"
 BIN = Path(sys.executable).parent
 GUARDED_KEYS = ("key-one-" + secrets.token_hex(8), "key-two-" + secrets.token_hex(8))
+GUARDED_AUTH = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}  # a client of the guarded app, with its key
 GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
 
 
@@ -213,16 +214,13 @@ class Cluster:
         prefix = f"SERVE_REPLICA::{app}#{deployment}#"
         return sorted(a["name"] for a in self.live_actors() if (a["name"] or "").startswith(prefix))
 
-    def kill_busy_replica(self, app: str, deployment: str, within_s: float = 60) -> str:
-        """ray.kill the replica of a deployment holding the most requests right now (a crash under
-        load, not an idle replica's), asking each replica its ongoing-request count as Serve's
-        router does. Returns the killed actor's name."""
+    def kill_busiest(self, replicas: list[str], within_s: float = 60) -> str:
+        """ray.kill whichever of these replica actors holds the most requests (a crash under load,
+        not an idle replica's), once one holds two, asking each its ongoing-request count as
+        Serve's router does. Returns the killed actor's name."""
         return self.driver(
             "import time\n"
-            "from ray.util.state import list_actors\n"
-            f"prefix, deadline = {f'SERVE_REPLICA::{app}#{deployment}#'!r}, time.monotonic() + {within_s}\n"
-            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000)\n"
-            "names = [a.name for a in alive if (a.name or '').startswith(prefix)]\n"
+            f"names, deadline = {replicas!r}, time.monotonic() + {within_s}\n"
             "replicas = [ray.get_actor(name, namespace='serve') for name in names]\n"
             "while time.monotonic() < deadline:\n"
             "    ongoing = ray.get([r.get_num_ongoing_requests.remote() for r in replicas], timeout=30)\n"
@@ -233,7 +231,7 @@ class Cluster:
             "        break\n"
             "    time.sleep(0.1)\n"
             "else:\n"
-            "    raise SystemExit(f'no {deployment} replica of {app} was busy')\n"
+            "    raise SystemExit(f'none of {names} was busy')\n"
         )
 
     def stop(self) -> None:

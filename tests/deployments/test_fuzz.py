@@ -20,10 +20,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from local_cluster import GUARDED_KEYS
+from local_cluster import GUARDED_AUTH
 from schemathesis import GenerationMode
 
-KEY = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}
 FUZZ = settings(
     max_examples=40,
     deadline=None,
@@ -72,7 +71,7 @@ def fuzz(cluster, operations, mode: GenerationMode, headers: dict, examples: int
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_5xx_with_a_key(cluster, operations, mode):
-    seen, failures = fuzz(cluster, operations, mode, KEY, 40)
+    seen, failures = fuzz(cluster, operations, mode, GUARDED_AUTH, 40)
     assert failures == [], failures[:10]
     generations = {code: n for (path, code), n in seen.items() if path == "/v1/images/generations"}
     print(mode, dict(seen))
@@ -115,7 +114,7 @@ VALID = st.fixed_dictionaries(
 def test_any_valid_request_generates_its_images(cluster, body):
     width, height = body.pop("size")
     body["size"] = f"{width}x{height}"
-    r = httpx.post(f"{cluster.guarded_url}/v1/images/generations", json=body, headers=KEY, timeout=120)
+    r = httpx.post(f"{cluster.guarded_url}/v1/images/generations", json=body, headers=GUARDED_AUTH, timeout=120)
     assert r.status_code == 200, (body, r.status_code, r.text[:300])
     data = r.json()["data"]
     assert len(data) == body.get("n", 1)

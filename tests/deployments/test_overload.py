@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from local_cluster import wait_until
 
 
 def post(url: str, body: dict, timeout: float = 120) -> httpx.Response:
@@ -48,7 +49,7 @@ def test_request_past_the_timeout_gets_504_and_its_work_stops(cluster):
         stats = cluster.handle_call("tight", "Denoiser", "stats")
         return stats if stats["active"] == 0 and stats["cancelled"] > before["cancelled"] else None
 
-    stats = _wait(settled, 60)
+    stats = wait_until(settled, 60, "the abandoned request's denoising to stop")
     assert stats["completed"] == before["completed"]  # the timed-out request never finished its steps
 
 
@@ -63,18 +64,8 @@ def test_client_disconnect_frees_its_denoising(cluster):
         stats = cluster.handle_call("fluxray", "Denoiser", "stats")
         return stats if stats["active"] == 0 and stats["cancelled"] > before["cancelled"] else None
 
-    stats = _wait(settled, 60)
+    stats = wait_until(settled, 60, "the abandoned request's denoising to stop")
     assert stats["completed"] == before["completed"]
-
-
-def _wait(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError(f"not settled within {timeout}s")
 
 
 def test_serve_status_shows_each_stage_as_its_own_deployment(cluster):

@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from local_cluster import GUARDED_KEYS, wait_until
+from local_cluster import GUARDED_AUTH, wait_until
 from PIL import Image
 
 from fluxray.params import GenerationParams
 
-HEADERS = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}
 STEPS = 16  # enough denoising that requests spend most of their time on a Denoiser replica
 
 
@@ -39,7 +38,7 @@ def test_killing_a_denoiser_replica_under_load_loses_no_request(cluster, tiny_pi
     seq = iter(range(10**6))
 
     def client(_: int) -> None:
-        with httpx.Client(timeout=180, headers=HEADERS) as http:
+        with httpx.Client(timeout=180, headers=GUARDED_AUTH) as http:
             while not stop.is_set():
                 with lock:
                     seed = 70_000 + next(seq)
@@ -56,7 +55,7 @@ def test_killing_a_denoiser_replica_under_load_loses_no_request(cluster, tiny_pi
         futures = [pool.submit(client, i) for i in range(8)]
         try:
             time.sleep(6)  # both replicas busy
-            killed = cluster.kill_busy_replica("guarded", "Denoiser")
+            killed = cluster.kill_busiest(before)
             killed_at = time.monotonic()
             seen_states = []
 

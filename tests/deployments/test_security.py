@@ -1,7 +1,8 @@
 """Who may call it, and how much: API keys, body/prompt/pixel limits, and hostile input.
 
-The "guarded" application (tests/local_cluster.py) has FLUXRAY_API_KEYS set through its
-runtime_env and small limits; the main "fluxray" application has no keys.
+The "guarded" application (tests/local_cluster.py) reads its keys from FLUXRAY_GUARDED_KEYS
+(`api_keys_env`), set in the cluster's environment as a Secret sets a pod's, and has small
+limits; the main "fluxray" application has no keys.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from local_cluster import GUARDED_KEYS
+from local_cluster import GUARDED_AUTH, GUARDED_KEYS
 from PIL import Image
 
 GEN = "/v1/images/generations"
@@ -74,7 +75,7 @@ def test_with_either_key_it_generates_and_healthz_stays_open(cluster):
         )
     r = httpx.post(cluster.guarded_url + "/generate", json=SMALL, headers=bearer(GUARDED_KEYS[1]), timeout=120)
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
-    assert httpx.get(cluster.guarded_url + "/v1/models", headers=bearer(GUARDED_KEYS[0])).json()["data"]
+    assert httpx.get(cluster.guarded_url + "/v1/models", headers=GUARDED_AUTH).json()["data"]
     assert httpx.get(cluster.guarded_url + "/healthz").status_code == 200  # no key
     schema = httpx.get(cluster.guarded_url + "/openapi.json").json()
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -84,12 +85,12 @@ def test_with_either_key_it_generates_and_healthz_stays_open(cluster):
 
 def test_unknown_paths_need_a_key_too(cluster):
     assert_error(httpx.get(cluster.guarded_url + "/v1/secret-admin"), 401)
-    assert_error(httpx.get(cluster.guarded_url + "/v1/secret-admin", headers=bearer(GUARDED_KEYS[0])), 404)
+    assert_error(httpx.get(cluster.guarded_url + "/v1/secret-admin", headers=GUARDED_AUTH), 404)
 
 
 def test_keys_never_reach_the_logs(cluster):
     # Calls that carry keys, good and bad, have been made by now (this test runs after the ones above).
-    httpx.post(cluster.guarded_url + GEN, json=SMALL, headers=bearer(GUARDED_KEYS[0]), timeout=120)
+    httpx.post(cluster.guarded_url + GEN, json=SMALL, headers=GUARDED_AUTH, timeout=120)
     logs = Path("/tmp/ray/session_latest/logs")
     assert logs.is_dir()
     checked = 0
@@ -107,7 +108,7 @@ def test_keys_never_reach_the_logs(cluster):
 
 def test_body_over_the_limit_is_413_declared_or_streamed(cluster):
     big = {**SMALL, "user": "x" * 9000}  # guarded max_body_bytes is 8192
-    r = httpx.post(cluster.guarded_url + GEN, json=big, headers=bearer(GUARDED_KEYS[0]))
+    r = httpx.post(cluster.guarded_url + GEN, json=big, headers=GUARDED_AUTH)
     assert assert_error(r, 413)["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: the limit holds while the body streams in
@@ -118,25 +119,21 @@ def test_body_over_the_limit_is_413_declared_or_streamed(cluster):
     r = httpx.post(
         cluster.guarded_url + GEN,
         content=chunks(),
-        headers={**bearer(GUARDED_KEYS[0]), "Content-Type": "application/json"},
+        headers={**GUARDED_AUTH, "Content-Type": "application/json"},
     )
     assert_error(r, 413)
     # Just under the limit is fine.
-    r = httpx.post(cluster.guarded_url + GEN, json={**SMALL, "user": "x" * 7000}, headers=bearer(GUARDED_KEYS[0]))
+    r = httpx.post(cluster.guarded_url + GEN, json={**SMALL, "user": "x" * 7000}, headers=GUARDED_AUTH)
     assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("field", ["prompt", "prompt_2", "negative_prompt"])
 def test_prompt_over_the_configured_length_is_422_naming_it(cluster, field):
     body = {**SMALL, field: "a" * 301}  # guarded max_prompt_chars is 300
-    error = assert_error(
-        httpx.post(cluster.guarded_url + GEN, json=body, headers=bearer(GUARDED_KEYS[0])), 422, param=field
-    )
+    error = assert_error(httpx.post(cluster.guarded_url + GEN, json=body, headers=GUARDED_AUTH), 422, param=field)
     assert "300" in error["message"] and error["code"] == "too_long"
     ok = {**SMALL, field: "a" * 300}
-    assert (
-        httpx.post(cluster.guarded_url + GEN, json=ok, headers=bearer(GUARDED_KEYS[0]), timeout=120).status_code == 200
-    )
+    assert httpx.post(cluster.guarded_url + GEN, json=ok, headers=GUARDED_AUTH, timeout=120).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -152,9 +149,7 @@ def test_prompt_over_the_configured_length_is_422_naming_it(cluster, field):
     ],
 )
 def test_pixel_budget(cluster, body, allowed):
-    r = httpx.post(
-        cluster.guarded_url + GEN, json={"prompt": "a cat", **body}, headers=bearer(GUARDED_KEYS[0]), timeout=120
-    )
+    r = httpx.post(cluster.guarded_url + GEN, json={"prompt": "a cat", **body}, headers=GUARDED_AUTH, timeout=120)
     if allowed:
         assert r.status_code == 200, r.text
         assert len(r.json()["data"]) == body.get("n", 1)
