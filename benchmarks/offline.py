@@ -1,13 +1,22 @@
-"""The offline job at 1k and 10k prompts beside a plain in-process loop over the engine, same run.
+"""The offline job at 1k and 10k prompts beside a plain in-process loop over the engine, same run;
+then the job resuming fully written outputs of 10k and 100k rows, local and on S3.
 
     python benchmarks/offline.py                       # tiny model, 64x64, 2 steps, local output
     python benchmarks/offline.py --sizes 1000 --steps 4
+    python benchmarks/offline.py --sizes "" --resume-sizes 10000,100000   # resume only
 
 For each size the job runs as its own process (a local Ray instance, like `python -m jobs.generate`)
 while this script samples the resident memory of the driver and of every Ray worker process; then
 the engine makes the same number of images in a plain loop here. Reported: images/s for both, and
 the peak memory (USS and RSS) of the driver and of each stage's workers, so the growth from 1k to
 10k prompts (the goal is none: everything streams) is a measured figure.
+
+Resume: an output whose every row is done is laid out first, through the storage API and the
+job's own key and fingerprint functions (one metadata object per row: all that a re-run lists;
+generating 100k images here would take hours and measure nothing more), on a local directory and on
+an S3 API server on loopback (moto). Then the job runs over it; reported: wall time, the driver's
+peak RSS, and its growth from the smallest to the largest size (the goal: <= 50 MiB from 10k to
+100k, <= 60 s for 100k on S3).
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import os
 import platform
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -156,36 +167,153 @@ def run_loop(count: int, size: int, steps: int) -> dict:
     }
 
 
+class S3Server:
+    """moto's S3 API server on a loopback port, with one bucket."""
+
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint, self.bucket = f"http://127.0.0.1:{self.port}", "bench"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def __enter__(self):
+        server = Path(sys.executable).parent / "moto_server"
+        self.process = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        os.environ.update(self.env)
+        for _ in range(100):
+            try:
+                self.client().create_bucket(Bucket=self.bucket)
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        raise SystemExit("the S3 server did not start")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+
+def lay_out_finished_output(prompts: Path, output: str, size: int, steps: int) -> None:
+    """Every row of prompts done, as the job leaves it: one metadata object per row under output."""
+    from fluxray.sources import resolve_model
+    from jobs.layout import metadata_key, model_identity
+    from jobs.prompts import JobDefaults, records
+    from jobs.storage import LocalStorage, open_storage
+
+    source = resolve_model("tiny")
+    identity = model_identity(source, "none")
+    defaults = JobDefaults(spec=source.spec, width=size, height=size, steps=steps, model_identity=identity)
+    storage = open_storage(output)
+    body = json.dumps({"note": "laid out by benchmarks/offline.py"}).encode()
+    with ThreadPoolExecutor(16) as pool:
+        done = pool.map(
+            lambda r: storage.put(metadata_key(r["id"], r["fingerprint"]), body),
+            records(LocalStorage(prompts.parent), prompts.name, defaults),
+        )
+        for _ in done:
+            pass
+
+
+def run_resume(count: int, size: int, steps: int, workdir: Path, s3: S3Server | None) -> dict:
+    prompts = workdir / f"resume-{count}.jsonl"
+    write_prompts(prompts, count)
+    where = "s3" if s3 else "local"
+    output = f"s3://{s3.bucket}/resume-{count}/" if s3 else str(workdir / f"resume-out-{count}")
+    started = time.monotonic()
+    lay_out_finished_output(prompts, output, size, steps)
+    layout_s = time.monotonic() - started
+    source = str(prompts)
+    if s3:  # the input on S3 too, as a real run would read it
+        s3.client().upload_file(str(prompts), s3.bucket, f"inputs/resume-{count}.jsonl")
+        source = f"s3://{s3.bucket}/inputs/resume-{count}.jsonl"
+    command = [sys.executable, "-m", "jobs.generate", "--input", source, "--output", output]
+    command += ["--width", str(size), "--height", str(size), "--steps", str(steps)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = MemorySampler(process.pid)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.monotonic() - started
+    sampler.stop.set()
+    sampler.join()
+    line = [x for x in stdout.splitlines() if x.startswith("written=")]
+    if process.returncode != 0 or not line:
+        raise SystemExit(f"resume failed ({process.returncode}): {stderr[-2000:]}")
+    summary = dict(part.split("=", 1) for part in line[-1].split())
+    if summary["skipped"] != str(count) or summary["written"] != "0":
+        raise SystemExit(f"resume did not skip every row: {line[-1]}")
+    return {
+        "rows": count,
+        "storage": where,
+        "skipped": int(summary["skipped"]),
+        "wall_s": round(wall, 1),
+        "rows_per_s": round(count / wall, 1),
+        "driver_peak_rss_mib": sampler.mib("rss")["driver"],
+        "layout_s": round(layout_s, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000", help="prompt counts")
+    parser.add_argument("--sizes", default="1000,10000", help="prompt counts of the generating runs ('' for none)")
+    parser.add_argument("--resume-sizes", default="10000,100000", help="row counts of the resume runs ('' for none)")
     parser.add_argument("--size", type=int, default=64, help="image side")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--loop-limit", type=int, default=None, help="cap the plain loop's prompt count")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline-cpu.json"))
     args = parser.parse_args()
-    counts = [int(c) for c in args.sizes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs = [run_job(c, args.size, args.steps, Path(tmp)) for c in counts]
-    loops = [run_loop(min(c, args.loop_limit or c), args.size, args.steps) for c in counts]
+    counts = [int(c) for c in args.sizes.split(",") if c]
+    resume_counts = [int(c) for c in args.resume_sizes.split(",") if c]
     report = {
         "benchmark": "offline",
         "env": {"machine": platform.machine(), "cpus": os.cpu_count()},
         "config": {"model": "tiny", "size": args.size, "steps": args.steps, "job_defaults": "1 actor per stage"},
-        "job": jobs,
-        "plain_loop": loops,
-        "uss_growth_mib_first_to_last": {
-            name: round(jobs[-1]["peak_uss_mib"][name] - jobs[0]["peak_uss_mib"].get(name, 0.0), 1)
-            for name in jobs[-1]["peak_uss_mib"]
-        },
-        "own_growth_mib_first_to_last": {
-            name: round(jobs[-1]["peak_own_mib"][name] - jobs[0]["peak_own_mib"].get(name, 0.0), 1)
-            for name in jobs[-1]["peak_own_mib"]
-        },
-        "job_vs_loop_images_per_s": [
-            round(j["images_per_s_generation"] / lp["images_per_s"], 3) for j, lp in zip(jobs, loops)
-        ],
     }
+    if counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            jobs = [run_job(c, args.size, args.steps, Path(tmp)) for c in counts]
+        loops = [run_loop(min(c, args.loop_limit or c), args.size, args.steps) for c in counts]
+        report |= {
+            "job": jobs,
+            "plain_loop": loops,
+            "uss_growth_mib_first_to_last": {
+                name: round(jobs[-1]["peak_uss_mib"][name] - jobs[0]["peak_uss_mib"].get(name, 0.0), 1)
+                for name in jobs[-1]["peak_uss_mib"]
+            },
+            "own_growth_mib_first_to_last": {
+                name: round(jobs[-1]["peak_own_mib"][name] - jobs[0]["peak_own_mib"].get(name, 0.0), 1)
+                for name in jobs[-1]["peak_own_mib"]
+            },
+            "job_vs_loop_images_per_s": [
+                round(j["images_per_s_generation"] / lp["images_per_s"], 3) for j, lp in zip(jobs, loops)
+            ],
+        }
+    if resume_counts:
+        resumes = []
+        with tempfile.TemporaryDirectory() as tmp:
+            resumes += [run_resume(c, args.size, args.steps, Path(tmp), None) for c in resume_counts]
+            with S3Server() as s3:
+                resumes += [run_resume(c, args.size, args.steps, Path(tmp), s3) for c in resume_counts]
+        report["resume"] = resumes
+        report["resume_driver_growth_mib_first_to_last"] = {
+            where: round(runs[-1]["driver_peak_rss_mib"] - runs[0]["driver_peak_rss_mib"], 1)
+            for where in ("local", "s3")
+            if (runs := [r for r in resumes if r["storage"] == where])
+        }
     write_report(report, args.out)
 
 

@@ -100,9 +100,8 @@ def _generate(args: argparse.Namespace) -> int:
         "prompt": args.prompt,
         "prompt_2": args.prompt_2,
         "negative_prompt": args.negative_prompt,
-        # A model's natural size: 1024 for FLUX.1, small for the tiny CPU model.
-        "width": args.width or (256 if spec.name == "tiny" else 1024),
-        "height": args.height or (256 if spec.name == "tiny" else 1024),
+        "width": args.width or spec.default_size,
+        "height": args.height or spec.default_size,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
         "guidance_scale_end": args.guidance_end,

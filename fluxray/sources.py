@@ -16,9 +16,11 @@ process that runs one stage holds only that stage's weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -62,6 +64,33 @@ class ModelSource:
         if self.kind == "random":
             return f"random:{self.spec.name}"
         return self.spec.name
+
+    def weights_files(self) -> list[Path]:
+        """Every safetensors file this source's stages load (none for random weights)."""
+        if self.kind == "random":
+            return []
+        folders = ["text_encoder", "text_encoder_2"]
+        if self.kind == "diffusers":
+            folders += ["transformer", "vae"]
+        files = [f for folder in folders for f in sorted((self.root / folder).glob("*.safetensors"))]
+        return files + [f for f in (self.transformer_file, self.vae_file) if f is not None]
+
+    def weights_digest(self) -> str:
+        """A short digest of which weights these are: each file's name, size and safetensors header
+        (tensor names, dtypes, shapes), and its first and last MiB of tensor data. Never the whole
+        file (reading 30 GB to name a model would take minutes); a retrain changes every value, so
+        the sampled bytes tell two trainings of one architecture apart."""
+        digest = hashlib.sha256(f"{self.kind}:{self.spec.name}".encode())
+        for path in self.weights_files():
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                digest.update(f"{path.parent.name}/{path.name}:{size}:".encode())
+                digest.update(f.read(min(length, 100 << 20)))
+                digest.update(f.read(1 << 20))
+                f.seek(max(f.tell(), size - (1 << 20)))
+                digest.update(f.read())
+        return digest.hexdigest()[:16]
 
     def describe(self) -> str:
         if self.kind == "random":

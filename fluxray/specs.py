@@ -101,6 +101,8 @@ class ModelSpec:
     clip: dict[str, Any]
     t5: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=dict)
+    # The side (pixels) a request gets when it names no size: FLUX.1's 1024, less for the CPU tiny model.
+    default_size: int = 1024
 
     @property
     def guidance_embeds(self) -> bool:
@@ -142,6 +144,7 @@ SPECS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(
         name="tiny",
         repo_id=None,
+        default_size=256,
         default_steps=28,
         default_guidance=3.5,
         max_sequence_length=512,

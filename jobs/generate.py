@@ -1,265 +1,260 @@
 """The offline job: prompts in, images + metadata + a manifest out, resumable and exactly once.
 
     python -m jobs.generate --input prompts.jsonl --output out/            # starts or joins Ray
+    python -m jobs.generate --config job.yaml [--flags that override it]
     ray job submit --working-dir . -- python -m jobs.generate --input s3://b/p.jsonl --output s3://b/run/
 
-Output under --output: images/{id}.{ext}, metadata/{id}.json (written after its image, so it marks a
-complete record) and manifest/{run}.parquet (every input row with its status and reason). A re-run
-skips every id whose metadata exists, so a killed job, re-run, ends with each row written once.
+First a plan (jobs.plan): one streamed pass over the input settles invalid, duplicate, skipped
+and conflicting rows; then the pending rows run through the Ray Data stages (jobs.stages). Rows
+whose batch was dropped because its worker died on every try run again in halved batches until,
+at one row a batch, the row that kills its worker is found and marked failed.
+
+Exit status: 0 when every row is written, skipped, invalid or a duplicate; 1 when a row failed;
+2 for a usage or input error (nothing generated); 3 when rows conflict with earlier output (written
+with other settings) and none failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
-from collections import Counter
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from fluxray.acceleration import (  # noqa: E402
-    SpeedOptionError,
-    add_speed_arguments,
-    resolve,
-    speed_options_from_args,
-)
-from fluxray.params import MAX_SIDE, MIN_SIDE  # noqa: E402
-from fluxray.sources import ModelSourceError, resolve_model  # noqa: E402
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
+
+from fluxray.sources import ModelSource, ModelSourceError, resolve_model  # noqa: E402
+from jobs.config import STAGES, JobConfig, UsageError, load_config  # noqa: E402
+from jobs.layout import model_identity  # noqa: E402
+from jobs.manifest import ManifestWriter  # noqa: E402
+from jobs.plan import SETTLED, FilePlan, OutputIndex, plan_rows  # noqa: E402
+from jobs.progress import Progress  # noqa: E402
 from jobs.prompts import InputError, JobDefaults, records  # noqa: E402
+from jobs.stages import (  # noqa: E402
+    FAULTS_ENV,
+    DecodeStage,
+    DenoiseStage,
+    EncodeStage,
+    PromptDatasource,
+    WriteStage,
+)
 from jobs.storage import StorageError, open_storage, split_input_uri  # noqa: E402
 
-
-class UsageError(Exception):
-    """A mistake in the job's command line or input; printed as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
+READ_CPUS = 0.1  # each read task's share; read tasks run beside the actor pools
+RESOURCE_WAIT_S = 20.0  # resources busy with a finished job's actors come back within seconds
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m jobs.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="file or prefix (local or s3://) of .jsonl/.csv/.parquet/.txt")
-    p.add_argument("--output", required=True, help="directory or s3:// prefix")
-    p.add_argument("--model", default="tiny", help="tiny, flux-dev, flux-schnell, a path, random:<spec>")
-    p.add_argument("--width", type=int, default=None, help="default width (model's natural size when unset)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="default steps (the model's default when unset)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--true-cfg-scale", type=float, default=1.0, help="default true CFG for rows with a negative")
-    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
-    p.add_argument("--seed-base", type=int, default=0, help="seeds of rows without one derive from this and the id")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    p.add_argument("--strict", action="store_true", help="fail before generating if any row is invalid")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads per stage actor")
-    add_speed_arguments(p)
-    for stage, batch, actors, cpus, gpus in (
-        # Defaults fit a 2-core laptop: the denoiser gets a whole CPU, the rest share what is left.
-        ("encode", 32, 1, 0.25, 0.0),
-        ("denoise", 8, 1, 1.0, 0.0),
-        ("decode", 8, 1, 0.25, 0.0),
-        ("write", 32, 1, 0.1, None),
-    ):
-        p.add_argument(f"--{stage}-batch-size", type=int, default=batch, help=f"rows per {stage} batch")
-        p.add_argument(f"--{stage}-actors", type=int, default=actors, help=f"{stage} actor pool size")
-        p.add_argument(f"--{stage}-cpus", type=float, default=cpus, help=f"CPUs per {stage} actor")
-        if gpus is not None:
-            p.add_argument(f"--{stage}-gpus", type=float, default=gpus, help=f"GPUs per {stage} actor")
-    args = p.parse_args(argv)
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and not (MIN_SIDE <= value <= MAX_SIDE and value % 16 == 0):
-            raise UsageError(f"--{name} must be a multiple of 16 in {MIN_SIDE}-{MAX_SIDE} (got {value})")
-    for name in (
-        "limit",
-        "encode_batch_size",
-        "denoise_batch_size",
-        "decode_batch_size",
-        "write_batch_size",
-        "encode_actors",
-        "denoise_actors",
-        "decode_actors",
-        "write_actors",
-    ):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    try:
-        args.speed = speed_options_from_args(args)
-        # A stage with no GPU runs on the CPU: check its switches now, not in a failing actor.
-        for stage, part in (("encode", "text"), ("denoise", "transformer"), ("decode", "vae")):
-            if args.device == "cpu" or (args.device == "auto" and not getattr(args, f"{stage}_gpus")):
-                resolve(args.speed, "cpu", part)
-    except SpeedOptionError as error:
-        raise UsageError(str(error)) from None
-    return args
+def resource_needs(config: JobConfig) -> dict[str, float]:
+    cpus = READ_CPUS + sum(config.stage(s).cpus * config.stage(s).actors for s in STAGES)
+    return {"CPU": cpus, "GPU": sum(config.stage(s).gpus * config.stage(s).actors for s in STAGES)}
 
 
-def scan(input_root, keys: list[str], defaults: JobDefaults, limit: int | None, strict: bool):
-    """A streamed first pass: parse every file (a malformed one fails now, by name), count rows,
-    apply --limit per file, and with --strict stop at the first invalid row."""
-    files, counts, remaining = [], Counter(), limit
-    for key in keys:
-        if remaining is not None and remaining <= 0:
-            break
-        n = 0
-        for record in records(input_root, key, defaults, remaining):
-            n += 1
-            counts[record["status"]] += 1
-            if strict and record["status"] == "invalid":
-                raise UsageError(f"--strict: {record['source']} is invalid: {record['reason']}")
-        files.append((key, n))
-        if remaining is not None:
-            remaining -= n
-    return files, counts
-
-
-def check_resources(available: dict, args: argparse.Namespace) -> None:
-    """Fail now, naming the options, if the stage actors cannot all be placed (Ray would wait forever)."""
-    stages = ("encode", "denoise", "decode", "write")
-    # The existence check runs as a second pool of write-sized actors, and reads take 0.1 CPU.
-    cpus = sum(getattr(args, f"{s}_cpus") * getattr(args, f"{s}_actors") for s in stages)
-    cpus += args.write_cpus * args.write_actors + 0.1
-    gpus = sum(getattr(args, f"{s}_gpus") * getattr(args, f"{s}_actors") for s in stages[:3])
-    if cpus > available.get("CPU", 0) + 1e-9:
+def check_resources(needs: dict[str, float], cluster: dict, available: dict) -> None:
+    """UsageError naming what is missing, and whether it is missing from the cluster or only busy
+    (Ray would otherwise wait forever for actors that cannot be placed)."""
+    for kind, need in needs.items():
+        total, free = cluster.get(kind, 0.0), available.get(kind, 0.0)
+        if need <= free + 1e-9:
+            continue
+        lower = f"lower --*-{kind.lower()}s or --*-actors"
+        if need > total + 1e-9:
+            raise UsageError(f"the stage actors need {need:g} {kind}s and the cluster has {total:g}; {lower}")
         raise UsageError(
-            f"the stage actors need {cpus:g} CPUs and the cluster has {available.get('CPU', 0):g}; "
-            "lower --*-cpus or --*-actors"
-        )
-    if gpus > available.get("GPU", 0) + 1e-9:
-        raise UsageError(
-            f"the stage actors need {gpus:g} GPUs and the cluster has {available.get('GPU', 0):g}; "
-            "lower --*-gpus or --*-actors"
+            f"the stage actors need {need:g} {kind}s and the cluster has {total:g}, of which {total - free:g} "
+            f"are busy ({free:g} free); wait for that work to finish, or {lower}"
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    import ray
-    import ray.data
+def wait_for_resources(needs: dict[str, float], timeout_s: float = RESOURCE_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check_resources(needs, ray.cluster_resources(), ray.available_resources())
+        except UsageError as error:
+            if time.monotonic() >= deadline or "are busy" not in str(error):
+                raise
+        time.sleep(0.5)
 
-    from jobs.stages import (
-        DecodeStage,
-        DenoiseStage,
-        EncodeStage,
-        PromptDatasource,
-        SkipWritten,
-        WriteStage,
-    )
 
-    source = resolve_model(args.model)
-    natural = 256 if source.spec.name == "tiny" else 1024
-    defaults = JobDefaults(
-        spec=source.spec,
-        width=args.width or natural,
-        height=args.height or natural,
-        steps=args.steps,
-        guidance=args.guidance,
-        true_cfg_scale=args.true_cfg_scale,
-        seed_base=args.seed_base,
-        output_format=args.format,
-    )
+def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults, input_root: str, plans, batch):
+    """The pipeline over the plan's pending rows; `batch` overrides every stage's batch size."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    input_storage, keys = split_input_uri(args.input, endpoint)
-    output = open_storage(args.output, endpoint)
-    files, scanned = scan(input_storage, keys, defaults, args.limit, args.strict)
-    input_root = input_storage.uri
-    print(f"input: {sum(n for _, n in files)} rows in {len(files)} file(s); {scanned['invalid']} invalid", flush=True)
+    faults = os.environ.get(FAULTS_ENV)
 
+    def pool(stage: str) -> dict:
+        resources = config.stage(stage)
+        options = {
+            "batch_size": batch or resources.batch_size,
+            "batch_format": "pyarrow",
+            "compute": ray.data.ActorPoolStrategy(size=resources.actors),
+            "num_cpus": resources.cpus,
+            # A dead actor is always replaced; what is bounded is how often one batch is tried, and
+            # every death uses up a try, so restarts are bounded too. (A per-actor restart cap left
+            # the pool with no actor and stalled the job for minutes in Ray 2.60.)
+            "max_restarts": -1,
+            "max_task_retries": config.max_retries,
+        }
+        if resources.gpus:
+            options["num_gpus"] = resources.gpus
+        if faults:
+            options["runtime_env"] = {"env_vars": {FAULTS_ENV: faults}}
+        return options
+
+    block_rows = batch or min(config.stage(s).batch_size for s in STAGES)
+    model_args = (config.model, config.device, config.dtype, config.torch_threads)
+    speed = {"speed": config.speed}
+    ds = ray.data.read_datasource(
+        PromptDatasource(input_root, plans, defaults, endpoint, block_rows), num_cpus=READ_CPUS
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 names no parameter for max_restarts/max_task_retries: they can only go through
+        # the **ray_remote_args that it deprecates (for removal in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=speed, **pool("encode"))
+        for stage, cls in (("denoise", DenoiseStage), ("decode", DecodeStage)):
+            ds = ds.map_batches(
+                cls, fn_constructor_args=(*model_args, config.format), fn_constructor_kwargs=speed, **pool(stage)
+            )
+        write_args = (config.output, endpoint, source.name, defaults.model_identity, config.format)
+        return ds.map_batches(WriteStage, fn_constructor_args=write_args, **pool("write"))
+
+
+def generate(config: JobConfig, source, defaults, input_root: str, plans: list[FilePlan], manifest) -> Progress:
+    """Run the plan's pending rows through the stages, again in halved batches for rows lost with a
+    worker that died on every try, until one row a batch; rows lost then are failed."""
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
         ignore_reinit_error=True,
         log_to_driver=False,
         logging_level="ERROR",
     )
+    wait_for_resources(resource_needs(config))
+    context = ray.data.DataContext.get_current()
+    context.max_errored_blocks = -1  # a dropped batch costs its rows for this pass only (see below)
+    context.enable_progress_bars = False  # the driver prints its own progress line
+    progress = Progress(sum(p.pending for p in plans), config.progress_interval_s)
+    batch = None
+    while True:
+        ds = build_dataset(config, source, defaults, input_root, plans, batch)
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            manifest.add_table(table)
+            for file, row in zip(table.column("file").to_pylist(), table.column("row").to_pylist()):
+                plans[file].codes[row] = SETTLED
+            seconds = {s: sum(table.column(f"{s}_s").to_pylist()) for s in STAGES}
+            progress.update(table.column("status").to_pylist(), seconds, table.num_rows)
+        lost = sum(p.pending for p in plans)
+        used = batch or min(config.stage(s).batch_size for s in STAGES)
+        if not lost:
+            return progress
+        if used == 1:
+            reason = f"its worker died on each of {config.max_retries + 1} tries, alone in its batch"
+            _fail_lost(plans, defaults, input_root, manifest, progress, reason)
+            return progress
+        batch = max(1, used // 2)
+        print(f"{lost} rows were lost with a worker that died on every try; again in batches of {batch}", flush=True)
+
+
+def _fail_lost(plans, defaults, input_root: str, manifest, progress, reason: str) -> None:
+    storage = open_storage(input_root, os.environ.get("AWS_ENDPOINT_URL") or None)
+    for plan in plans:
+        if not plan.pending:
+            continue
+        for row, record in enumerate(records(storage, plan.key, defaults, len(plan.codes))):
+            if plan.codes[row]:
+                manifest.add({**record, "status": "failed", "reason": reason})
+                progress.update(["failed"], {}, 0)
+                plan.codes[row] = SETTLED
+
+
+def run(config: JobConfig) -> int:
+    source = resolve_model(config.model)
+    size = source.spec.default_size
+    defaults = JobDefaults(
+        spec=source.spec,
+        width=config.width or size,
+        height=config.height or size,
+        steps=config.steps,
+        guidance=config.guidance,
+        true_cfg_scale=config.true_cfg_scale,
+        seed_base=config.seed_base,
+        output_format=config.format,
+        model_identity=model_identity(source, config.speed.quantize),
+    )
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    input_storage, keys = split_input_uri(config.input, endpoint)
+    output = open_storage(config.output, endpoint)
     started = time.monotonic()
-
-    def pool(stage: str) -> dict:
-        options = {
-            "batch_size": getattr(args, f"{stage}_batch_size"),
-            "compute": ray.data.ActorPoolStrategy(size=getattr(args, f"{stage}_actors")),
-            "num_cpus": getattr(args, f"{stage}_cpus"),
-            "max_restarts": -1,  # a dead actor is replaced and its batch retried
-            "max_task_retries": -1,
-        }
-        gpus = getattr(args, f"{stage}_gpus", 0)
-        if gpus:
-            options["num_gpus"] = gpus
-        return options
-
-    model_args = (args.model, args.device, args.dtype, args.torch_threads)
-    check_resources(ray.cluster_resources(), args)
-    ds = ray.data.read_datasource(PromptDatasource(input_root, files, defaults, endpoint), num_cpus=0.1)
-    ds = ds.map_batches(
-        SkipWritten,
-        fn_constructor_args=(args.output, endpoint),
-        batch_format="numpy",
-        **{**pool("write"), "batch_size": args.write_batch_size},
-    )
-    speed = {"speed": args.speed}
-    ds = ds.map_batches(
-        EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=speed, batch_format="numpy", **pool("encode")
-    )
-    ds = ds.map_batches(
-        DenoiseStage,
-        fn_constructor_args=(*model_args, args.format),
-        fn_constructor_kwargs=speed,
-        batch_format="numpy",
-        **pool("denoise"),
-    )
-    ds = ds.map_batches(
-        DecodeStage,
-        fn_constructor_args=(*model_args, args.format),
-        fn_constructor_kwargs=speed,
-        batch_format="numpy",
-        **pool("decode"),
-    )
-    ds = ds.map_batches(
-        WriteStage,
-        fn_constructor_args=(args.output, endpoint, source.name, args.format),
-        batch_format="numpy",
-        **pool("write"),
-    )
-
-    counts = Counter()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    manifest_key = f"manifest/{run_id}-{os.getpid()}.parquet"
     with tempfile.TemporaryDirectory() as tmp:
-        import pyarrow.parquet as pq
-
-        from jobs.stages import MANIFEST_SCHEMA
-
-        local = Path(tmp) / "manifest.parquet"
-        # The manifest streams to a local file as rows finish, so the driver holds one batch at a time.
-        with pq.ParquetWriter(local, MANIFEST_SCHEMA) as writer:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.write_table(batch.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
-                counts.update(batch.column("status").to_pylist())
-        output.put(manifest_key, local.read_bytes(), "application/vnd.apache.parquet")
+        manifest = ManifestWriter(Path(tmp) / "manifest.parquet")
+        index = OutputIndex(Path(tmp) / "index.sqlite")
+        try:
+            try:
+                earlier = index.load(output.scan("metadata/"))
+            except (BotoCoreError, ClientError) as error:
+                raise StorageError(f"{config.output}: cannot list metadata/ ({error})") from None
+            plans = plan_rows(
+                input_storage, keys, defaults, index, manifest, config.limit, config.strict, config.overwrite
+            )
+        finally:
+            index.close()
+        rows, pending = sum(len(p.codes) for p in plans), sum(p.pending for p in plans)
+        settled = ", ".join(f"{n} {status}" for status, n in sorted(manifest.counts.items()))
+        print(
+            f"input: {rows} rows in {len(plans)} file(s); {pending} to generate"
+            + (f"; {settled}" if settled else "")
+            + f"; {earlier} records under {config.output} before",
+            flush=True,
+        )
+        progress = None
+        if pending:
+            progress = generate(config, source, defaults, input_storage.uri, plans, manifest)
+        manifest_key = f"manifest/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.parquet"
+        output.put(manifest_key, manifest.close(), "application/vnd.apache.parquet")
     wall = time.monotonic() - started
+    counts = manifest.counts
     rate = counts["written"] / wall if wall > 0 else 0.0
+    for line in progress.stage_lines() if progress else []:
+        print(line, flush=True)
     print(
-        f"written={counts['written']} skipped={counts['skipped']} invalid={counts['invalid']} "
-        f"failed={counts['failed']} images/s={rate:.2f} wall={wall:.1f}s manifest={manifest_key}",
+        " ".join(f"{status}={counts[status]}" for status in ("written", "skipped", "invalid", "duplicate"))
+        + f" conflict={counts['conflict']} failed={counts['failed']} images/s={rate:.2f} wall={wall:.1f}s"
+        + f" manifest={manifest_key}",
         flush=True,
     )
-    return 0 if counts["failed"] == 0 else 1
+    if counts["failed"]:
+        first = manifest.first["failed"]
+        _error(f"{counts['failed']} rows failed (first: {first['source']}: {first['reason']})")
+        return 1
+    if counts["conflict"]:
+        first = manifest.first["conflict"]
+        _error(
+            f"{counts['conflict']} rows were written before with other settings (first: {first['id']}); "
+            "rerun with --overwrite to regenerate them, or write to another --output"
+        )
+        return 3
+    return 0
+
+
+def _error(message: str) -> None:
+    print(f"jobs.generate: error: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(parse_args(argv))
+        return run(load_config(argv))
     except (UsageError, InputError, StorageError, ModelSourceError) as error:
         message = str(error)
     except KeyboardInterrupt:
         message = "interrupted"
-    print(f"jobs.generate: error: {message}", file=sys.stderr)
+    _error(message)
     return 2
 
 

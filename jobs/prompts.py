@@ -1,9 +1,11 @@
 """Prompt input: JSONL, CSV, Parquet or plain text files, read as a stream of validated records.
 
-Every row becomes a record with a stable id (its own `id`, else `<file>-<row>`), a seed (its own,
-else derived from --seed-base and the id) and every generation parameter resolved, so the same
-input gives the same records, seeds and images on every run. A row that fails GenerationParams is
-kept, marked invalid with the reason; a file that cannot be parsed fails with its name and line.
+Every row becomes a record with a stable id (its own `id`, else `<file>-<row>` where <file> is the
+file's whole key, extension included, so prompts.csv and prompts.jsonl never share an id), a seed
+(its own, else derived from --seed-base and the id), every generation parameter resolved, and the
+fingerprint of the image it makes (jobs.layout), so the same input gives the same records, seeds
+and images on every run. A row that fails GenerationParams is kept, marked invalid with the
+reason; a file that cannot be parsed fails with its name and line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error
 from fluxray.specs import ModelSpec
+from jobs.layout import fingerprint
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -47,9 +50,11 @@ RECORD_FIELDS = (
     "steps",
     "guidance",
     "true_cfg_scale",
+    "fingerprint",
     "status",
     "reason",
 )
+MAX_FILE_ID = 100  # leaves room for '-' and the row number within an id's 128 characters
 
 
 class InputError(Exception):
@@ -58,7 +63,7 @@ class InputError(Exception):
 
 @dataclass(frozen=True)
 class JobDefaults:
-    """Values for columns a row leaves out."""
+    """Values for columns a row leaves out, and what every row's image is made with."""
 
     spec: ModelSpec
     width: int = 1024
@@ -68,6 +73,7 @@ class JobDefaults:
     true_cfg_scale: float = 1.0
     seed_base: int = 0
     output_format: str = "png"
+    model_identity: str = ""  # jobs.layout.model_identity: part of each record's fingerprint
 
 
 def input_format(key: str) -> str:
@@ -78,9 +84,13 @@ def input_format(key: str) -> str:
 
 
 def file_id(key: str) -> str:
-    """The id prefix of a file's rows: its path without extension, made safe for object keys."""
-    stem = str(PurePosixPath(key).with_suffix(""))
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-") or "input"
+    """The id prefix of a file's rows: its whole relative key, extension included (a.csv and a.jsonl
+    differ), made safe for object keys; a very long key keeps its end and a digest of the whole."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(PurePosixPath(key))).strip("._-") or "input"
+    if len(name) > MAX_FILE_ID:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        name = f"{digest}_{name[-(MAX_FILE_ID - 13) :].lstrip('._-')}"
+    return name
 
 
 def derived_seed(seed_base: int, row_id: str) -> int:
@@ -192,7 +202,7 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
             "status": "invalid",
             "reason": describe_validation_error(error, COLUMN_OF_FIELD),
         }
-    return {
+    resolved = {
         **record,
         "prompt": params.prompt,
         "seed": params.seed,
@@ -202,6 +212,8 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
         "guidance": params.guidance_scale,
         "true_cfg_scale": params.true_cfg_scale,
     }
+    resolved["fingerprint"] = fingerprint(resolved, defaults.model_identity, defaults.output_format)
+    return resolved
 
 
 def _unresolved(fields: dict) -> dict:
@@ -212,6 +224,7 @@ def _unresolved(fields: dict) -> dict:
             return None
 
     return {
+        "fingerprint": None,
         "seed": number(fields["seed"], int),
         "width": number(fields["width"], int),
         "height": number(fields["height"], int),

@@ -1,89 +1,94 @@
 """The job's stages: a prompt datasource, then Ray Data actor pools that encode, denoise, decode
-and write. Every row travels through every stage; a stage works only on rows still 'pending' and
-passes the others (skipped, invalid, failed) on, so the last stage's output is the manifest.
+and write. Only the rows the plan marked for this pass enter; a stage works on rows still
+'pending' and passes failed ones on, so the last stage's output is those rows' manifest entries.
 
-Batches are numpy dicts. A stage that fails on a batch marks that batch's pending rows failed with
-the reason instead of failing the job: one bad batch costs its rows, never the others.
+Batches are pyarrow tables, and every stage returns its own fixed schema whatever mix of pending
+and failed rows a batch holds: a column never depends on a block's contents (a column that held
+nothing but nulls in one block once failed to unify with the same column holding tensors in
+another). Tensors travel as safetensors bytes in the model's dtype (bfloat16 on GPUs).
+
+A stage that raises on a batch splits it in halves until the rows that raise are found: only they
+are failed, with the reason. A row that kills its worker process is the driver's to find
+(jobs.generate): Ray Data drops that batch after --max-retries, and the driver runs its rows again
+in smaller batches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 
-import numpy as np
 import pyarrow as pa
 import torch
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from fluxray.acceleration import SpeedOptions
-from fluxray.images import EXTENSIONS, MEDIA_TYPES, encode_image
+from fluxray.images import MEDIA_TYPES, encode_image
 from fluxray.pipeline import denoise_task, image_metadata, stage_runtime
 from fluxray.sampling import denoise
 from fluxray.sources import load_transformer
 from fluxray.text_encoding import PromptEmbeds, TextEncoder
 from fluxray.vae import VAEDecoder
-from jobs.prompts import RECORD_FIELDS, JobDefaults, params_of, records
+from jobs.layout import image_key, metadata_key, metadata_prefix, parse_metadata_key
+from jobs.manifest import MANIFEST_SCHEMA
+from jobs.plan import OVERWRITE, FilePlan
+from jobs.prompts import JobDefaults, params_of, records
 from jobs.storage import open_storage
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("steps", pa.int64()),
-        ("guidance", pa.float64()),
-        ("image", pa.string()),
-        ("sha256", pa.string()),
-    ]
-)
-RECORD_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("prompt", pa.string()),
-        ("prompt_2", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("steps", pa.int64()),
-        ("guidance", pa.float64()),
-        ("true_cfg_scale", pa.float64()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-    ]
-)
-
-
-def image_key(row_id: str, fmt: str) -> str:
-    return f"images/{row_id}.{EXTENSIONS[fmt]}"
-
-
-def metadata_key(row_id: str) -> str:
-    return f"metadata/{row_id}.json"
+# Tests only: "stage:action:MARKER,...": a pending row whose prompt holds MARKER makes that stage
+# raise (action "raise") or kill its own worker process (action "kill"), as a bad kernel would.
+FAULTS_ENV = "FLUXRAY_JOB_FAULTS"
+STAGE_NAMES = ("encode", "denoise", "decode", "write")
+TIMES = [(f"{stage}_s", pa.float64()) for stage in STAGE_NAMES]  # each row's share of its batches' time
+ZERO_TIMES = {name: 0.0 for name, _ in TIMES}
+POSITION = [("file", pa.int64()), ("row", pa.int64())]  # where the row is in the plan
+RECORD = [
+    *POSITION,
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("prompt", pa.string()),
+    ("prompt_2", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance", pa.float64()),
+    ("true_cfg_scale", pa.float64()),
+    ("fingerprint", pa.string()),
+    ("overwrite", pa.bool_()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    *TIMES,
+]
+RECORD_SCHEMA = pa.schema(RECORD)
+ENCODED_SCHEMA = pa.schema([*RECORD, ("embeds", pa.binary())])
+DENOISED_SCHEMA = pa.schema([*RECORD, ("latents", pa.binary())])
+DECODED_SCHEMA = pa.schema([*RECORD, ("image_bytes", pa.binary()), ("sha256", pa.string())])
+WRITTEN_SCHEMA = pa.schema([*POSITION, *MANIFEST_SCHEMA, *TIMES])
 
 
 class PromptDatasource(Datasource):
-    """One read task per input file, streaming its records in blocks."""
+    """One read task per input file, streaming the records its plan marks for this pass."""
 
     def __init__(
         self,
         input_root: str,
-        files: list[tuple[str, int]],
+        plans: list[FilePlan],
         defaults: JobDefaults,
         endpoint_url: str | None = None,
-        block_rows: int = 512,
+        block_rows: int = 8,
     ):
-        self.input_root, self.files, self.defaults = input_root, files, defaults
+        self.input_root, self.plans, self.defaults = input_root, plans, defaults
         self.endpoint_url, self.block_rows = endpoint_url, block_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -91,106 +96,97 @@ class PromptDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
         tasks = []
-        for key, limit in self.files:
+        for number, plan in enumerate(self.plans):
+            if not plan.pending:
+                continue
 
-            def read(key=key, limit=limit):
+            def read(number=number, plan=plan):
                 storage = open_storage(self.input_root, self.endpoint_url)
                 block = []
-                for record in records(storage, key, self.defaults, limit):
-                    block.append(record)
+                for row, record in enumerate(records(storage, plan.key, self.defaults, len(plan.codes))):
+                    if not plan.codes[row]:
+                        continue
+                    overwrite = plan.codes[row] == OVERWRITE
+                    block.append({**record, **ZERO_TIMES, "file": number, "row": row, "overwrite": overwrite})
                     if len(block) >= self.block_rows:
                         yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
                         block = []
                 if block:
                     yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
 
-            meta = BlockMetadata(num_rows=limit, size_bytes=None, exec_stats=None, input_files=(key,))
+            meta = BlockMetadata(num_rows=plan.pending, size_bytes=None, exec_stats=None, input_files=(plan.key,))
             tasks.append(ReadTask(read, meta, schema=RECORD_SCHEMA))
         return tasks
 
 
-def _pending(batch: dict) -> np.ndarray:
-    return np.flatnonzero(batch["status"] == "pending")
+def _fail(row: dict, stage: str, error: BaseException) -> None:
+    row["status"], row["reason"] = "failed", f"{stage}: {type(error).__name__}: {error}"[:500]
 
 
-def _missing(value) -> bool:
-    # Between stages Ray Data turns a column of nothing but None into float NaN.
-    return value is None or (isinstance(value, (float, np.floating)) and value != value)
+def _inject_faults(stage: str, rows: list[dict]) -> None:
+    for spec in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+        where, action, marker = spec.split(":", 2)
+        if where == stage and any(marker in row["prompt"] for row in rows):
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault {marker!r}")
 
 
-def _value(value):
-    # numpy scalars (np.str_, np.int64) become Python values: tokenizers and JSON want those.
-    if _missing(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
+def _run_split(stage: str, rows: list[dict], work: Callable[[list[dict]], None]) -> None:
+    """work(rows) on the pending rows; where it raises, halves until only the rows that raise on
+    their own are failed (a bad prompt or an out-of-memory batch costs no other row)."""
+
+    def attempt(part: list[dict]) -> None:
+        try:
+            _inject_faults(stage, part)
+            work(part)
+        except Exception as error:  # noqa: BLE001 - recorded as the row's reason
+            if len(part) == 1:
+                _fail(part[0], stage, error)
+                return
+            attempt(part[: len(part) // 2])
+            attempt(part[len(part) // 2 :])
+
+    pending = [row for row in rows if row["status"] == "pending"]
+    if pending:
+        attempt(pending)
 
 
-def _row(batch: dict, i: int) -> dict:
-    return {k: _value(batch[k][i]) for k in RECORD_FIELDS}
+def _timed(stage: str, schema: pa.Schema, rows: list[dict], started: float) -> pa.Table:
+    share = (time.perf_counter() - started) / max(len(rows), 1)
+    for row in rows:
+        row[f"{stage}_s"] += share
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _rows(batch: dict, index) -> list[dict]:
-    return [_row(batch, i) for i in index]
-
-
-def _fail(batch: dict, index, stage: str, error: BaseException) -> dict:
-    batch["status"] = batch["status"].astype(object)
-    batch["reason"] = batch["reason"].astype(object)
-    for i in index:
-        batch["status"][i] = "failed"
-        batch["reason"][i] = f"{stage}: {type(error).__name__}: {error}"[:500]
-    return batch
-
-
-def _objects(n: int) -> np.ndarray:
-    return np.full(n, None, dtype=object)
-
-
-class SkipWritten:
-    """Marks pending rows whose metadata already exists: a finished record from an earlier run."""
-
-    def __init__(self, output: str, endpoint_url: str | None):
-        self.storage = open_storage(output, endpoint_url)
-        self.pool = ThreadPoolExecutor(16)
-
-    def __call__(self, batch: dict) -> dict:
-        index = _pending(batch)
-        found = list(self.pool.map(lambda i: self.storage.exists(metadata_key(batch["id"][i])), index))
-        batch["status"] = batch["status"].astype(object)
-        batch["reason"] = batch["reason"].astype(object)
-        for i, exists in zip(index, found):
-            if exists:
-                batch["status"][i], batch["reason"][i] = "skipped", "already written"
-        return batch
+def _by_size(rows: list[dict]):
+    """(height, width), rows of that size: same-size rows share each transformer and VAE call."""
+    ordered = sorted(rows, key=lambda r: (r["height"], r["width"]))
+    return groupby(ordered, key=lambda r: (r["height"], r["width"]))
 
 
 class EncodeStage:
     def __init__(
         self, model: str, device: str, dtype: str | None, threads: int | None, speed: SpeedOptions | None = None
     ):
-        self.encoder = TextEncoder.load(*stage_runtime(model, device, dtype, threads), speed)
+        self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
+        self.encoder = TextEncoder.load(self.source, self.device, self.dtype, speed)
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
-        for column in ("pooled", "sequence", "neg_pooled", "neg_sequence"):
-            batch[column] = _objects(n)
-        index = _pending(batch)
-        if len(index) == 0:
-            return batch
-        try:
-            rows = _rows(batch, index)
-            embeds = self.encoder.encode([r["prompt"] for r in rows], [r["prompt_2"] for r in rows])
-            cfg = [k for k, r in enumerate(rows) if r["negative_prompt"] and r["true_cfg_scale"] > 1]
-            negatives = self.encoder.encode([rows[k]["negative_prompt"] for k in cfg]) if cfg else None
-        except Exception as error:  # noqa: BLE001
-            return _fail(batch, index, "encode", error)
-        for k, i in enumerate(index):
-            batch["pooled"][i] = embeds.pooled[k].float().cpu().numpy()
-            batch["sequence"][i] = embeds.sequence[k].float().cpu().numpy()
-        for j, k in enumerate(cfg):
-            batch["neg_pooled"][index[k]] = negatives.pooled[j].float().cpu().numpy()
-            batch["neg_sequence"][index[k]] = negatives.sequence[j].float().cpu().numpy()
-        return batch
+    def _encode(self, rows: list[dict]) -> None:
+        embeds = self.encoder.encode([r["prompt"] for r in rows], [r["prompt_2"] for r in rows])
+        cfg = [k for k, r in enumerate(rows) if r["negative_prompt"] and r["true_cfg_scale"] > 1]
+        negatives = self.encoder.encode([rows[k]["negative_prompt"] for k in cfg]) if cfg else None
+        for k, row in enumerate(rows):
+            tensors = {"pooled": embeds.pooled[k], "sequence": embeds.sequence[k]}
+            if k in cfg:
+                j = cfg.index(k)
+                tensors |= {"neg_pooled": negatives.pooled[j], "neg_sequence": negatives.sequence[j]}
+            row["embeds"] = save_tensors({name: t.to("cpu", self.dtype).contiguous() for name, t in tensors.items()})
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started, rows = time.perf_counter(), table.to_pylist()
+        _run_split("encode", rows, self._encode)
+        return _timed("encode", ENCODED_SCHEMA, rows, started)
 
 
 class DenoiseStage:
@@ -207,36 +203,27 @@ class DenoiseStage:
         self.transformer = load_transformer(self.source, self.device, self.dtype, speed)
         self.output_format = output_format
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
-        latents = _objects(n)
-        index = _pending(batch)
-        try:
-            tasks = {}
-            for i in index:
-                params = params_of(_row(batch, i), self.output_format)
-                embeds = PromptEmbeds(
-                    torch.from_numpy(batch["pooled"][i])[None], torch.from_numpy(batch["sequence"][i])[None]
-                )
-                negative = None
-                if not _missing(batch["neg_pooled"][i]):
-                    negative = PromptEmbeds(
-                        torch.from_numpy(batch["neg_pooled"][i])[None], torch.from_numpy(batch["neg_sequence"][i])[None]
-                    )
-                tasks[i] = denoise_task(params, embeds, negative, self.source.spec, self.device, self.dtype)
-            # Rows of one size share each transformer call; each keeps its own steps and guidance.
-            by_size = sorted(index, key=lambda i: (batch["height"][i], batch["width"][i]))
-            for (height, width), group in groupby(by_size, key=lambda i: (batch["height"][i], batch["width"][i])):
-                group = list(group)
-                denoise(self.transformer, [tasks[i] for i in group], int(height), int(width))
-            for i in index:
-                latents[i] = tasks[i].latents.float().cpu().numpy()
-        except Exception as error:  # noqa: BLE001
-            batch = _fail(batch, index, "denoise", error)
-        for column in ("pooled", "sequence", "neg_pooled", "neg_sequence"):
-            del batch[column]
-        batch["latents"] = latents
-        return batch
+    def _task(self, row: dict):
+        tensors = load_tensors(row["embeds"])
+        embeds = PromptEmbeds(tensors["pooled"][None], tensors["sequence"][None])
+        negative = None
+        if "neg_pooled" in tensors:
+            negative = PromptEmbeds(tensors["neg_pooled"][None], tensors["neg_sequence"][None])
+        params = params_of(row, self.output_format)
+        return denoise_task(params, embeds, negative, self.source.spec, self.device, self.dtype)
+
+    def _denoise(self, rows: list[dict]) -> None:
+        for (height, width), group in _by_size(rows):
+            group = list(group)
+            tasks = [self._task(row) for row in group]
+            denoise(self.transformer, tasks, height, width)
+            for row, task in zip(group, tasks):
+                row["latents"] = save_tensors({"latents": task.latents.to("cpu", self.dtype).contiguous()})
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started, rows = time.perf_counter(), table.to_pylist()
+        _run_split("denoise", rows, self._denoise)
+        return _timed("denoise", DENOISED_SCHEMA, rows, started)
 
 
 class DecodeStage:
@@ -249,85 +236,73 @@ class DecodeStage:
         output_format: str,
         speed: SpeedOptions | None = None,
     ):
-        self.source, dev, torch_dtype = stage_runtime(model, device, dtype, threads)
-        self.decoder = VAEDecoder.load(self.source, dev, torch_dtype, speed)
+        self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
+        self.decoder = VAEDecoder.load(self.source, self.device, self.dtype, speed)
         self.output_format = output_format
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
-        images, digests = _objects(n), np.full(n, "", dtype=object)
-        index = [i for i in _pending(batch) if not _missing(batch["latents"][i])]
-        try:
-            by_size = sorted(index, key=lambda i: (batch["height"][i], batch["width"][i]))
-            for (height, width), group in groupby(by_size, key=lambda i: (batch["height"][i], batch["width"][i])):
-                group = list(group)
-                stacked = torch.from_numpy(np.stack([batch["latents"][i] for i in group]))
-                pixels = self.decoder.decode(stacked.reshape(len(group), *stacked.shape[-2:]), int(height), int(width))
-                for k, i in enumerate(group):
-                    params = params_of(_row(batch, i), self.output_format)
-                    meta = image_metadata(params, params.seed, self.source.name)
-                    data = encode_image(pixels[k].numpy(), self.output_format, meta)
-                    images[i], digests[i] = data, hashlib.sha256(data).hexdigest()
-        except Exception as error:  # noqa: BLE001
-            batch = _fail(batch, index, "decode", error)
-        del batch["latents"]
-        batch["image_bytes"], batch["sha256"] = images, digests
-        return batch
+    def _decode(self, rows: list[dict]) -> None:
+        for (height, width), group in _by_size(rows):
+            group = list(group)
+            latents = torch.cat([load_tensors(row["latents"])["latents"] for row in group])
+            pixels = self.decoder.decode(latents.to(self.device, self.dtype), height, width)
+            for row, image in zip(group, pixels):
+                params = params_of(row, self.output_format)
+                meta = image_metadata(params, params.seed, self.source.name)
+                data = encode_image(image.numpy(), self.output_format, meta)
+                row["image_bytes"], row["sha256"] = data, hashlib.sha256(data).hexdigest()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started, rows = time.perf_counter(), table.to_pylist()
+        _run_split("decode", rows, self._decode)
+        return _timed("decode", DECODED_SCHEMA, rows, started)
 
 
 class WriteStage:
-    """Writes each image, then its metadata: a metadata object always means a complete record."""
+    """Writes each image, then its metadata: a metadata object always means a complete record whose
+    sha256 is its image's. A row regenerated with --overwrite first loses its old metadata (and an
+    old image of another format), so no image is ever described by another image's metadata."""
 
-    def __init__(self, output: str, endpoint_url: str | None, model_name: str, output_format: str):
+    def __init__(self, output: str, endpoint_url: str | None, model_name: str, model_identity: str, output_format: str):
         self.storage = open_storage(output, endpoint_url)
-        self.model_name, self.output_format = model_name, output_format
+        self.model_name, self.model_identity, self.output_format = model_name, model_identity, output_format
         self.pool = ThreadPoolExecutor(8)
 
-    def _write(self, row: dict, data: bytes, digest: str) -> tuple[str, str]:
-        key = image_key(row["id"], self.output_format)
+    def _forget_previous(self, row_id: str, keep: str) -> None:
+        for key in list(self.storage.scan(metadata_prefix(row_id))):
+            parsed = parse_metadata_key(key)
+            if parsed is None or parsed[0] != row_id or key == keep:
+                continue
+            previous_image = json.loads(self.storage.get(key)).get("image")
+            self.storage.delete(key)
+            if previous_image and previous_image != image_key(row_id, self.output_format):
+                self.storage.delete(previous_image)
+
+    def _write(self, row: dict) -> None:
+        image, meta = image_key(row["id"], self.output_format), metadata_key(row["id"], row["fingerprint"])
         try:
-            self.storage.put(key, data, MEDIA_TYPES[self.output_format])
-            meta = {
-                "id": row["id"],
-                "prompt": row["prompt"],
-                "prompt_2": row["prompt_2"],
-                "negative_prompt": row["negative_prompt"],
-                "seed": int(row["seed"]),
-                "width": int(row["width"]),
-                "height": int(row["height"]),
-                "steps": int(row["steps"]),
-                "guidance": float(row["guidance"]),
-                "true_cfg_scale": float(row["true_cfg_scale"]),
+            _inject_faults("write", [row])
+            if row["overwrite"]:
+                self._forget_previous(row["id"], keep=meta)
+            self.storage.put(image, row["image_bytes"], MEDIA_TYPES[self.output_format])
+            record = {
+                **{k: row[k] for k in ("id", "prompt", "prompt_2", "negative_prompt", "seed", "width", "height")},
+                **{k: row[k] for k in ("steps", "guidance", "true_cfg_scale", "fingerprint", "sha256", "source")},
                 "model": self.model_name,
-                "image": key,
+                "model_identity": self.model_identity,
+                "image": image,
                 "format": self.output_format,
-                "sha256": digest,
-                "source": row["source"],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            self.storage.put(metadata_key(row["id"]), json.dumps(meta, sort_keys=True).encode(), "application/json")
-            return "written", ""
+            self.storage.put(meta, json.dumps(record, sort_keys=True).encode(), "application/json")
+            row["status"], row["image"], row["metadata"] = "written", image, meta
         except Exception as error:  # noqa: BLE001 - after the storage's own retries
-            return "failed", f"write: {type(error).__name__}: {error}"[:500]
+            _fail(row, "write", error)
 
-    def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["id"])
-        batch["status"] = batch["status"].astype(object)
-        batch["reason"] = batch["reason"].astype(object)
-        image_keys = np.full(n, "", dtype=object)
-        index = [i for i in _pending(batch) if not _missing(batch["image_bytes"][i])]
-        rows = _rows(batch, index)
-        results = self.pool.map(
-            lambda k: self._write(rows[k], batch["image_bytes"][index[k]], batch["sha256"][index[k]]), range(len(index))
-        )
-        for i, (status, reason) in zip(index, results):
-            batch["status"][i], batch["reason"][i] = status, reason
-            image_keys[i] = image_key(batch["id"][i], self.output_format) if status == "written" else ""
-        for i in _pending(batch):  # pending without an image: an earlier stage lost it
-            batch["status"][i], batch["reason"][i] = "failed", "no image was produced"
-        batch["image"] = image_keys
-
-        def column(name: str) -> list:
-            return [_value(v) for v in batch[name]]
-
-        return pa.table({f.name: column(f.name) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA)
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started, rows = time.perf_counter(), table.to_pylist()
+        pending = [row for row in rows if row["status"] == "pending"]
+        list(self.pool.map(self._write, pending))
+        for row in rows:
+            if row["status"] == "failed":
+                row["sha256"] = None
+        return _timed("write", WRITTEN_SCHEMA, rows, started)

@@ -45,7 +45,11 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key under a folder prefix, sorted (input files: their order fixes row ids' order)."""
         base = self.path(prefix) if prefix else self.root
         if base.is_file():
             yield prefix
@@ -53,6 +57,24 @@ class LocalStorage:
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 yield path.relative_to(self.root).as_posix()
+
+    def scan(self, prefix: str) -> Iterator[str]:
+        """Every key starting with prefix, streamed in no particular order: a folder of a million
+        files is never held (or sorted) in memory."""
+        folder, _, start = prefix.rpartition("/")
+        base = self.path(folder) if folder else self.root
+        stack = [base] if base.is_dir() else []
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                        continue
+                    key = Path(entry.path).relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        yield key
 
     def open_binary(self, key: str):
         return self.path(key).open("rb")
@@ -92,11 +114,18 @@ class S3Storage:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self.key(key), Body=data, **extra)
 
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+
     def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with prefix, in S3's (sorted) order, a page of 1000 at a time."""
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(prefix)):
             for item in page.get("Contents", []):
                 yield item["Key"][len(self.prefix) :]
+
+    def scan(self, prefix: str) -> Iterator[str]:
+        return self.list(prefix)
 
     def open_binary(self, key: str):
         body = self.client.get_object(Bucket=self.bucket, Key=self.key(key))["Body"]

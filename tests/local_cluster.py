@@ -7,6 +7,7 @@ RAY_ADDRESS. Both reach the S3 server over HTTP with boto3.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,7 @@ BIN = Path(sys.executable).parent
 GUARDED_KEYS = ("key-one-" + secrets.token_hex(8), "key-two-" + secrets.token_hex(8))
 GUARDED_AUTH = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}  # a client of the guarded app, with its key
 GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
+CLUSTER_MARKER = "FLUXRAY_TEST_CLUSTER"  # in the environment of every process a test cluster starts
 
 
 def free_port() -> int:
@@ -62,7 +65,9 @@ class Cluster:
         self.guarded_url = f"{self.url}/guarded"
         self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.bucket = "fluxray-images"
+        self.marker = secrets.token_hex(8)
         self.env = {
+            CLUSTER_MARKER: self.marker,
             **os.environ,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(16),
@@ -234,8 +239,29 @@ class Cluster:
             "    raise SystemExit(f'none of {names} was busy')\n"
         )
 
+    def own_processes(self) -> list[psutil.Process]:
+        """Every process this cluster started (Ray's daemons, workers, job drivers): each inherits
+        the marker from the environment `ray start` ran with."""
+        own = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(CLUSTER_MARKER) == self.marker:
+                    own.append(process)
+            except psutil.Error:
+                continue
+        return own
+
     def stop(self) -> None:
-        self.run("ray", "stop", "--force", timeout=120)
+        """Stops this cluster's processes only: `ray stop` would kill every Ray process of the user,
+        a cluster they run beside the tests included."""
+        processes = self.own_processes()
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=20)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         if self.s3_process:
             self.s3_process.terminate()
             self.s3_process.wait(timeout=30)

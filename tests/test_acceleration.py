@@ -248,7 +248,8 @@ def test_serve_config_takes_the_switches():
 
 
 def test_job_options_reach_the_stages():
-    from jobs.generate import UsageError, parse_args
+    from jobs.config import UsageError
+    from jobs.config import load_config as parse_args
     from jobs.stages import DecodeStage, DenoiseStage
 
     base = ["--input", "in.jsonl", "--output", "out/"]

@@ -17,6 +17,8 @@ import pytest
 from s3_fault_proxy import FaultProxy
 from test_generate_job import FAST, ROOT, SLOW, job, keys, prompt_rows, summary
 
+from jobs.stages import FAULTS_ENV
+
 
 def put_input(cluster, name: str, n: int) -> str:
     body = "\n".join(json.dumps(r) for r in prompt_rows(n)) + "\n"
@@ -25,7 +27,7 @@ def put_input(cluster, name: str, n: int) -> str:
 
 
 def assert_exactly_once(cluster, prefix: str, n: int) -> None:
-    """n images and n metadata files, each image's bytes the ones its metadata names; a manifest
+    """n images and n metadata records, each image's bytes the ones its metadata names; a manifest
     with one `written` row per id."""
     s3, bucket = cluster.s3(), cluster.bucket
     images, metadata = keys(s3, bucket, f"{prefix}images/"), keys(s3, bucket, f"{prefix}metadata/")
@@ -99,3 +101,49 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     assert counts["written"] == str(n) and counts["failed"] == "0", counts
     assert_exactly_once(ray_cluster, prefix, n)
     print(f"killed {victims[0]['class']} pid {victims[0]['pid']} after {done_at_kill} rows; job completed")
+
+
+def test_a_row_that_kills_its_worker_every_time_is_failed_and_the_rest_written_once(ray_cluster):
+    n = 18
+    rows = prompt_rows(n)
+    rows[11]["prompt"] = "a POISON prompt that crashes the denoiser's process"
+    body = "\n".join(json.dumps(r) for r in rows) + "\n"
+    ray_cluster.s3().put_object(Bucket=ray_cluster.bucket, Key="inputs/poison.jsonl", Body=body.encode())
+    prefix = "runs/poison/"
+    env_before = dict(ray_cluster.env)
+    ray_cluster.env[FAULTS_ENV] = "denoise:kill:POISON"  # the driver hands it to the stage workers
+    try:
+        started = time.monotonic()
+        result = job(
+            ray_cluster,
+            "--input",
+            f"s3://{ray_cluster.bucket}/inputs/poison.jsonl",
+            "--output",
+            f"s3://{ray_cluster.bucket}/{prefix}",
+            *SLOW,
+            "--max-retries",
+            "1",
+        )
+        took = time.monotonic() - started
+    finally:
+        ray_cluster.env.clear()
+        ray_cluster.env.update(env_before)
+    assert result.returncode == 1, result.stderr[-3000:]
+    poisoned = rows[11].get("id", "poison.jsonl-0000012")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("jobs.generate: error: 1 rows failed (first: poison.jsonl:12:")
+    )
+    counts = summary(result.stdout)
+    assert counts["written"] == str(n - 1) and counts["failed"] == "1", counts
+    assert_exactly_once(ray_cluster, prefix, n - 1)
+    manifests = keys(ray_cluster.s3(), ray_cluster.bucket, f"{prefix}manifest/")
+    (manifest,) = manifests
+    table = pq.read_table(
+        io.BytesIO(ray_cluster.s3().get_object(Bucket=ray_cluster.bucket, Key=manifest)["Body"].read())
+    )
+    (failed,) = [r for r in table.to_pylist() if r["status"] == "failed"]
+    assert failed["id"] == poisoned and "died on each of 2 tries" in failed["reason"]
+    assert "again in batches of 2" in result.stdout and "again in batches of 1" in result.stdout
+    print(f"poison row found and failed in {took:.0f}s")

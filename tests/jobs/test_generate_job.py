@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from image_checks import max_pixel_diff
 from PIL import Image
 
 from fluxray.params import GenerationParams
+from jobs.layout import parse_metadata_key
 
 ROOT = Path(__file__).resolve().parents[2]
 COUNT = 300
@@ -68,6 +70,16 @@ def keys(s3, bucket: str, prefix: str) -> dict[str, str]:
     return out
 
 
+def metadata_of(s3, bucket: str, run: str, row_id: str) -> dict:
+    """The one metadata record of row_id under run/ (its key carries the fingerprint)."""
+    (key,) = [
+        k
+        for k in keys(s3, bucket, f"{run}metadata/{row_id}.")
+        if (parse_metadata_key(k.removeprefix(run)) or ("",))[0] == row_id
+    ]
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
 @pytest.fixture(scope="module")
 def s3_input(ray_cluster):
     s3 = ray_cluster.s3()
@@ -92,15 +104,13 @@ def test_s3_to_s3_writes_one_image_and_metadata_per_row(ray_cluster, first_run, 
     assert len(images) == COUNT and len(metadata) == COUNT
     rows = prompt_rows(COUNT)
     for i in (0, 5, 7, 100, 299):  # sampled rows: given seeds and ids are kept, images equal the engine's
-        row_id = rows[i].get("id", f"prompts-{i + 1:07d}")
-        meta = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/full/metadata/{row_id}.json")["Body"].read())
+        row_id = rows[i].get("id", f"prompts.jsonl-{i + 1:07d}")
+        meta = metadata_of(s3, bucket, "runs/full/", row_id)
         if "seed" in rows[i]:
             assert meta["seed"] == rows[i]["seed"]
         assert meta["prompt"] == rows[i]["prompt"] and meta["model"] == "tiny"
         assert (meta["width"], meta["height"]) == (rows[i].get("width", 64), 64)
         data = s3.get_object(Bucket=bucket, Key="runs/full/" + meta["image"])["Body"].read()
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == meta["sha256"]
         want = tiny_pipeline.generate(
             GenerationParams(
@@ -175,7 +185,13 @@ def test_formats_invalid_rows_and_local_output(ray_cluster, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(result.stdout)["written"] == "5" and summary(result.stdout)["invalid"] == "3"
     written = sorted(p.name for p in (out / "images").iterdir())
-    assert written == ["a-0000002.webp", "a-0000003.webp", "c-0000001.webp", "c-0000002.webp", "robot.webp"]
+    assert written == [
+        "a.csv-0000002.webp",
+        "a.csv-0000003.webp",
+        "c.txt-0000001.webp",
+        "c.txt-0000002.webp",
+        "robot.webp",
+    ]
     assert not list(out.rglob("*.tmp"))
     (manifest,) = (out / "manifest").iterdir()
     table = pq.read_table(manifest).to_pylist()

@@ -26,8 +26,8 @@ def test_jsonl_rows_get_stable_ids_and_derived_seeds(tmp_path):
     text = "\n".join(json.dumps(r) for r in rows) + "\n\n"
     first, again = read(tmp_path, "p.jsonl", text), read(tmp_path, "p.jsonl", text)
     assert first == again
-    assert [r["id"] for r in first] == ["p-0000001", "dog", "p-0000003"]
-    assert first[0]["seed"] == derived_seed(7, "p-0000001") and first[1]["seed"] == 5
+    assert [r["id"] for r in first] == ["p.jsonl-0000001", "dog", "p.jsonl-0000003"]
+    assert first[0]["seed"] == derived_seed(7, "p.jsonl-0000001") and first[1]["seed"] == 5
     assert first[0]["seed"] != first[2]["seed"]
     assert (first[1]["width"], first[1]["height"], first[1]["steps"], first[1]["guidance"]) == (128, 64, 3, 3.5)
     assert all(r["status"] == "pending" for r in first)
@@ -42,11 +42,11 @@ def test_csv_parquet_and_text(tmp_path):
     assert csv_rows[1]["true_cfg_scale"] == 2.5 and csv_rows[1]["status"] == "pending"
     pq.write_table(pa.table({"prompt": ["x", "y"], "steps": [2, None]}), tmp_path / "t.parquet")
     parquet_rows = list(records(LocalStorage(tmp_path), "t.parquet", DEFAULTS))
-    assert [(r["id"], r["steps"]) for r in parquet_rows] == [("t-0000001", 2), ("t-0000002", 3)]
+    assert [(r["id"], r["steps"]) for r in parquet_rows] == [("t.parquet-0000001", 2), ("t.parquet-0000002", 3)]
     text_rows = read(tmp_path, "plain.txt", "first prompt\n\nthird line\n")
     assert [(r["id"], r["prompt"]) for r in text_rows] == [
-        ("plain-0000001", "first prompt"),
-        ("plain-0000003", "third line"),
+        ("plain.txt-0000001", "first prompt"),
+        ("plain.txt-0000003", "third line"),
     ]
 
 
@@ -94,16 +94,17 @@ def test_input_uri_resolution(tmp_path):
         split_input_uri(str(tmp_path / "missing.jsonl"))
 
 
-def test_scan_applies_limit_across_files_in_order(tmp_path):
-    from jobs.generate import scan
+def test_ids_keep_the_whole_file_key_so_two_formats_of_one_stem_never_collide(tmp_path):
+    csv_ids = [r["id"] for r in read(tmp_path, "prompts.csv", "prompt\na\nb\n")]
+    jsonl_ids = [r["id"] for r in read(tmp_path, "prompts.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n')]
+    assert csv_ids == ["prompts.csv-0000002", "prompts.csv-0000003"]
+    assert jsonl_ids == ["prompts.jsonl-0000001", "prompts.jsonl-0000002"]
+    from jobs.prompts import ID_PATTERN, file_id
 
-    (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
-    (tmp_path / "b.txt").write_text("four\nfive\n")
-    storage, keys = split_input_uri(str(tmp_path))
-    files, counts = scan(storage, keys, DEFAULTS, limit=4, strict=False)
-    assert files == [("a.txt", 3), ("b.txt", 1)] and counts["pending"] == 4
-    files, _ = scan(storage, keys, DEFAULTS, limit=None, strict=False)
-    assert files == [("a.txt", 3), ("b.txt", 2)]
+    long_a, long_b = "d/" + "x" * 150 + "a.jsonl", "d/" + "x" * 150 + "b.jsonl"
+    assert file_id(long_a) != file_id(long_b) and all(
+        ID_PATTERN.match(file_id(k) + "-0000001") for k in (long_a, long_b)
+    )
 
 
 def test_s3_prefix_and_single_file_inputs(ray_cluster, monkeypatch):
@@ -115,7 +116,7 @@ def test_s3_prefix_and_single_file_inputs(ray_cluster, monkeypatch):
         monkeypatch.setenv(name, ray_cluster.env[name])
     storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/batch/", endpoint)
     assert keys == ["sub/y.txt", "x.jsonl"]
-    assert [r["id"] for k in keys for r in records(storage, k, DEFAULTS)] == ["sub_y-0000001", "x-0000001"]
+    assert [r["id"] for k in keys for r in records(storage, k, DEFAULTS)] == ["sub_y.txt-0000001", "x.jsonl-0000001"]
     storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/batch", endpoint)  # a prefix without the slash
     assert keys == ["sub/y.txt", "x.jsonl"]
     storage, keys = split_input_uri(f"s3://{ray_cluster.bucket}/other.txt", endpoint)
@@ -144,7 +145,7 @@ HOSTILE_IDS = [
 def test_ids_that_could_leave_the_output_prefix_are_invalid_rows(tmp_path, row_id):
     (record,) = read(tmp_path, "p.jsonl", json.dumps({"prompt": "a", "id": row_id}) + "\n")
     if row_id == "":  # blank: the row gets the derived id instead
-        assert record["id"] == "p-0000001" and record["status"] == "pending"
+        assert record["id"] == "p.jsonl-0000001" and record["status"] == "pending"
         return
     assert record["status"] == "invalid" and record["reason"].startswith("id:"), record
 
@@ -153,11 +154,11 @@ def test_ids_that_could_leave_the_output_prefix_are_invalid_rows(tmp_path, row_i
     "key", ["../../etc/passwd.jsonl", "a/../../b.csv", "..\\..\\x.txt", "/abs/p.jsonl", "....jsonl", "x/.hidden.txt"]
 )
 def test_derived_ids_from_odd_file_names_stay_one_safe_path_segment(key):
+    from jobs.layout import image_key, metadata_key
     from jobs.prompts import ID_PATTERN, file_id
-    from jobs.stages import image_key, metadata_key
 
     row_id = f"{file_id(key)}-0000001"
     assert ID_PATTERN.match(row_id), row_id
-    for out_key in (image_key(row_id, "png"), metadata_key(row_id)):
+    for out_key in (image_key(row_id, "png"), metadata_key(row_id, "0123456789abcdef")):
         parts = out_key.split("/")
         assert len(parts) == 2 and parts[1] not in ("", ".", "..") and not parts[1].startswith("."), out_key

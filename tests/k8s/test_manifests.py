@@ -22,7 +22,8 @@ from kubernetes_validate import utils as kubernetes_validate
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from jobs.generate import UsageError, check_resources, parse_args
+from jobs.config import UsageError, load_config
+from jobs.generate import check_resources, resource_needs
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -256,11 +257,12 @@ def test_head_runs_nothing_and_workers_carry_the_work(item):
         assert group["minReplicas"] == group["maxReplicas"]
         argv = shlex.split(doc["spec"]["entrypoint"])
         assert argv[:3] == ["python", "-m", "jobs.generate"]
-        args = parse_args(argv[3:])
-        cpus, gpus = worker_capacity(group, group["replicas"])
-        check_resources({"CPU": cpus, "GPU": gpus}, args)
+        needs = resource_needs(load_config(argv[3:]))
+        whole = dict(zip(("CPU", "GPU"), worker_capacity(group, group["replicas"])))
+        check_resources(needs, whole, whole)
         with pytest.raises(UsageError):  # and would refuse a cluster one worker short
-            check_resources(dict(zip(("CPU", "GPU"), worker_capacity(group, group["replicas"] - 1))), args)
+            short = dict(zip(("CPU", "GPU"), worker_capacity(group, group["replicas"] - 1)))
+            check_resources(needs, short, short)
 
 
 @pytest.mark.parametrize("item", SERVICES, ids=name)
