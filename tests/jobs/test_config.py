@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fluxray.specs import SPECS
@@ -84,3 +86,8 @@ def test_resources_refused_name_what_is_missing_and_what_is_busy():
         check_resources(needs, {"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 1})
     with pytest.raises(UsageError, match=r"need 2.7 CPUs and the cluster has 2;"):
         check_resources(needs, {"CPU": 2, "GPU": 2}, {"CPU": 2, "GPU": 2})
+
+
+def test_the_example_config_loads():
+    config = load_config(["--config", str(Path(__file__).resolve().parents[2] / "examples" / "job.yaml")])
+    assert (config.input, config.steps, config.denoise.batch_size) == ("examples/prompts.jsonl", 8, 8)
