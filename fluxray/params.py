@@ -114,6 +114,15 @@ class GenerationParams(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # Image i uses seed + i, and every seed handed out must be a valid seed itself.
+        n = info.data.get("n", 1)
+        if value is not None and value + n - 1 >= SEED_LIMIT:
+            raise ValueError(f"seed + n - 1 must be below 2**63 (image i uses seed + i); got seed {value} with n={n}")
+        return value
+
     @field_validator("true_cfg_scale")
     @classmethod
     def _cfg_needs_negative(cls, value: float, info: ValidationInfo) -> float:
@@ -128,7 +137,7 @@ class GenerationParams(BaseModel):
             update={
                 "num_inference_steps": self.num_inference_steps or spec.default_steps,
                 "guidance_scale": spec.default_guidance if self.guidance_scale is None else self.guidance_scale,
-                "seed": secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed,
+                "seed": secrets.randbelow(SEED_LIMIT - self.n + 1) if self.seed is None else self.seed,
             }
         )
 

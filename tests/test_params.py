@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fluxray.params import GenerationParams, describe_validation_error, parse_size
+from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error, parse_size
 from fluxray.specs import SPECS
 
 
@@ -46,7 +46,7 @@ def test_invalid_fields_are_named(fields, expected):
 
 def test_bounds_that_are_allowed():
     p = GenerationParams(
-        prompt="a cat", width=64, height=2048, num_inference_steps=100, guidance_scale=20, n=8, seed=2**63 - 1
+        prompt="a cat", width=64, height=2048, num_inference_steps=100, guidance_scale=20, n=8, seed=2**63 - 8
     )
     assert (p.width, p.height, p.n) == (64, 2048, 8)
     assert GenerationParams(prompt="a", width=1360, height=768).width == 1360  # any multiple of 16
@@ -75,3 +75,13 @@ def test_parse_size():
     assert parse_size("1360x768") == (1360, 768)
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_size("1360*768")
+
+
+def test_seeds_of_every_image_stay_in_range():
+    last = SEED_LIMIT - 1
+    assert GenerationParams(prompt="x", seed=last, n=1).image_seeds() == [last]
+    assert GenerationParams(prompt="x", seed=last - 7, n=8).image_seeds()[-1] == last
+    with pytest.raises(ValidationError, match=r"seed\n.*seed \+ n - 1 must be below 2\*\*63"):
+        GenerationParams(prompt="x", seed=last, n=2)
+    drawn = GenerationParams(prompt="x", n=8).resolve(SPECS["tiny"])
+    assert all(0 <= s < SEED_LIMIT for s in drawn.image_seeds())

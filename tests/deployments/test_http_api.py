@@ -166,6 +166,7 @@ def test_models_health_and_openapi(cluster):
         ({"prompt": "a cat", "guidance_scale": 99}, 400, "guidance_scale"),
         ({"prompt": "a cat", "seed": -1}, 400, "seed"),
         ({"prompt": "a cat", "seed": 2**63}, 400, "seed"),
+        ({"prompt": "a cat", "seed": 2**63 - 1, "n": 2}, 400, "seed"),  # image 1's seed would be 2**63
         ({"prompt": "a cat", "seed": "abc"}, 400, "seed"),
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "   "}, 400, "prompt"),
