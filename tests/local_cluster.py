@@ -206,6 +206,10 @@ class Cluster:
             f"print(json.dumps(getattr(h, {method!r}).remote().result()))\n"
         )
 
+    def session_dir(self) -> str:
+        """This cluster's session directory (its logs), as its GCS tells a driver."""
+        return self.driver("print(json.dumps(ray._private.worker._global_node.get_session_dir_path()))\n")
+
     def live_actors(self) -> list[dict]:
         """Every live actor of the cluster: its class name, actor name and worker pid."""
         return self.driver(

@@ -284,11 +284,16 @@ def test_gpu_fp8_and_compiled_bf16_images():
     eager = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(compile="off", fuse_qkv="off"))
     fast = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(warmup_sizes=["64x64"]))
     fp8 = Pipeline.load("tiny", device="cuda", speed=SpeedOptions(quantize="fp8", warmup_sizes=["64x64"]))
+    layers = block_linears(fp8.transformer)
+    kept = [m for m in layers if type(m) is torch.nn.Linear]  # the modulation GEMVs stay in bf16
+    assert len(kept) == 2 * 2 + 2 and sum(isinstance(m, Float8Linear) for m in layers) == len(layers) - len(kept)
     # Bounds not yet measured on a GPU (none was at hand when this was written): bf16 compiled
     # kernels round differently from eager ones, and fp8 measured ~53 dB through the CPU kernel.
     with torch.compiler.set_stance("fail_on_recompile"):
         for width, height in ((64, 64), (128, 96)):
             reference = images(eager, width, height).astype(np.float64)
-            for pipeline, floor_db in ((fast, 35), (fp8, 30)):
-                mse = np.mean((images(pipeline, width, height) - reference) ** 2)
-                assert mse == 0 or 10 * np.log10(255**2 / mse) > floor_db
+            fast_mse = np.mean((images(fast, width, height) - reference) ** 2)
+            assert fast_mse == 0 or 10 * np.log10(255**2 / fast_mse) > 35  # lossless switches: rounding only
+            fp8_mse = np.mean((images(fp8, width, height) - reference) ** 2)
+            # fp8 must move the image (a quantizer that does nothing would leave it identical) but little.
+            assert fp8_mse > 0 and 10 * np.log10(255**2 / fp8_mse) > 30

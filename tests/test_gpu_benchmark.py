@@ -29,7 +29,9 @@ def test_gpu_benchmark_quick_run_on_cpu(tmp_path):
         assert list(mode["sizes"]) == sizes
         for entry in mode["sizes"].values():
             assert entry["seconds_per_image"] > entry["step_seconds"] > 0
-            assert entry["tflop_per_step"] > 0 and entry["graphs_compiled_after_warmup"] == 0
+            # (graphs_compiled_after_warmup is not checked here: compile is off on the CPU, so it is 0
+            # whatever the code does; tests/test_acceleration.py checks recompiles with compile on.)
+            assert entry["tflop_per_step"] > 0
         if label != "diffusers":
             assert mode["ratio"] == mode["sizes"]["96x96"]["ratio"] > 0
     fp32, int8 = report["modes"]["fluxray-float32"], report["modes"]["fluxray-int8"]

@@ -45,6 +45,18 @@ def test_requests_stages_batches_and_queue_are_exported(cluster):
     assert sum(samples(text, "ray_fluxray_denoiser_steps_total", application="fluxray")) >= 6
     # Serve's own metrics come alongside.
     assert "ray_serve_deployment_request_counter" in text
-    # Paths nobody routes are one label, not one series per path a scanner tried.
-    httpx.get(cluster.url + "/no/such/path/12345")
-    assert 'route="/no/such/path/12345"' not in httpx.get(cluster.metrics_url, timeout=10).text
+
+    # Paths nobody routes are one label, not one series per path a scanner tried: once that request
+    # shows up under "other", its own path must not be there.
+    def others(text: str) -> float:
+        return sum(samples(text, "ray_fluxray_requests_total", application="fluxray", route="other", code="404"))
+
+    before = others(httpx.get(cluster.metrics_url, timeout=10).text)
+    assert httpx.get(cluster.url + "/no/such/path/12345").status_code == 404
+
+    def counted():
+        text = httpx.get(cluster.metrics_url, timeout=10).text
+        return text if others(text) > before else None
+
+    text = wait_until(counted, 90, "the unrouted request under route=other", 3)
+    assert 'route="/no/such/path/12345"' not in text
