@@ -24,7 +24,7 @@ from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
 from fluxray.pipeline import denoise_task
 from fluxray.sampling import DenoiseTask, denoise_step, image_ids, text_ids
-from fluxray.sources import load_transformer
+from fluxray.transformer import load_transformer
 
 
 @dataclass(eq=False)

@@ -11,7 +11,8 @@ from ray import serve
 
 from deployments.config import AppConfig, replica_runtime
 from deployments.metrics import StageMetrics
-from fluxray.text_encoding import PromptEmbeds, TextEncoder
+from fluxray.embeds import PromptEmbeds
+from fluxray.text_encoding import TextEncoder
 
 
 @dataclass

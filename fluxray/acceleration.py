@@ -22,6 +22,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fluxray.params import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_size
+from fluxray.quantization import (
+    Float8Linear,
+    Int8WeightOnlyLinear,
+    fp8_matmul_works,
+    is_modulation,
+    nf4_linear,
+    replace_linears,
+)
+from fluxray.sampling import image_ids, text_ids
 
 Switch = Literal["auto", "on", "off"]
 Quantize = Literal["none", "fp8", "int8", "nf4"]
@@ -152,8 +161,6 @@ def _check_transformer(options: SpeedOptions, device: torch.device) -> None:
         if (major, minor) < (8, 9):
             name = torch.cuda.get_device_name(device)
             _fail(f"quantize=fp8 needs compute capability 8.9 or newer; {name} is {major}.{minor} (try quantize=int8)")
-        from fluxray.quantization import fp8_matmul_works
-
         reason = fp8_matmul_works(device)
         if reason is not None:
             _fail(f"quantize=fp8: this GPU cannot run rowwise-scaled fp8 matmuls (torch {torch.__version__}): {reason}")
@@ -246,8 +253,6 @@ def _fuse_qkv(model) -> None:
 
 
 def _quantize(model, mode: str, device: torch.device) -> int:
-    from fluxray.quantization import Float8Linear, Int8WeightOnlyLinear, is_modulation, nf4_linear, replace_linears
-
     make = {
         "fp8": Float8Linear,
         "int8": Int8WeightOnlyLinear,
@@ -287,8 +292,6 @@ def _compile(model, speed: ResolvedSpeed) -> None:
 def warm_up(model, sizes, max_sequence_length: int, batches=WARMUP_BATCHES) -> None:
     """Run the transformer once per (size, batch) on random inputs shaped as denoise_step shapes
     them (same dtypes, inference mode), so compiling happens now and not on a request."""
-    from fluxray.sampling import image_ids, text_ids
-
     config = model.config
     device, dtype = model.device, model.dtype
     for width, height in sizes:

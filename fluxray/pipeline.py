@@ -13,12 +13,14 @@ import torch
 
 import fluxray
 from fluxray.acceleration import SpeedOptions, resolve
+from fluxray.embeds import PromptEmbeds
 from fluxray.images import encode_image
 from fluxray.params import GenerationParams
 from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise
-from fluxray.sources import ModelSource, load_transformer, resolve_model
+from fluxray.sources import ModelSource, resolve_model
 from fluxray.specs import ModelSpec
-from fluxray.text_encoding import PromptEmbeds, TextEncoder
+from fluxray.text_encoding import TextEncoder
+from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fluxray.text_encoding import PromptEmbeds
+from fluxray.embeds import PromptEmbeds
 
 LATENT_CHANNELS = 16
 

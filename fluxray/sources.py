@@ -23,14 +23,12 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
+from fluxray.single_file import load_bfl_transformer, load_bfl_vae
 from fluxray.specs import SPECS, ModelSpec, get_spec
-
-if TYPE_CHECKING:
-    from fluxray.acceleration import SpeedOptions
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
 
@@ -258,32 +256,16 @@ def load_text_encoders(
     return clip_tok, clip.to(device).eval(), t5_tok, t5.to(t5_device).eval()
 
 
-def load_transformer(
-    source: ModelSource,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    speed: SpeedOptions | None = None,
+def load_transformer_module(
+    source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """The FluxTransformer2DModel alone, with the speed switches applied (fluxray.acceleration).
-
-    A switch that cannot work on this device fails (SpeedOptionError) before any weight loads.
-    """
-    from fluxray.acceleration import accelerate_transformer, resolve
-
-    device = torch.device(device)
-    resolved = resolve(speed, device, "transformer")
-    model = _load_transformer_weights(source, device, dtype)
-    return accelerate_transformer(model, resolved, source.spec.max_sequence_length)
-
-
-def _load_transformer_weights(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    """The FluxTransformer2DModel alone, as released (fluxray.transformer applies the speed switches)."""
     from diffusers import FluxTransformer2DModel
 
+    device = torch.device(device)
     if source.kind == "random":
         return _random_weights(lambda: FluxTransformer2DModel(**source.spec.transformer), device, dtype)
     if source.kind == "single-file":
-        from fluxray.single_file import load_bfl_transformer
-
         return load_bfl_transformer(source.transformer_file, source.spec, device, dtype)
     _check_safetensors_folder(source.root / "transformer")
     model = FluxTransformer2DModel.from_pretrained(
@@ -300,8 +282,6 @@ def load_vae(source: ModelSource, device: str | torch.device = "cpu", dtype: tor
     if source.kind == "random":
         return _random_weights(lambda: AutoencoderKL(**source.spec.vae), device, dtype)
     if source.kind == "single-file":
-        from fluxray.single_file import load_bfl_vae
-
         return load_bfl_vae(source.vae_file, source.spec, device, dtype)
     _check_safetensors_folder(source.root / "vae")
     model = AutoencoderKL.from_pretrained(

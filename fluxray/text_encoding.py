@@ -3,37 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from fluxray.acceleration import SpeedOptions, resolve
+from fluxray.embeds import PromptEmbeds
 from fluxray.sources import ModelSource, load_text_encoders
-
-if TYPE_CHECKING:
-    from fluxray.acceleration import SpeedOptions
-
-
-@dataclass
-class PromptEmbeds:
-    """Encoded prompts: `pooled` (B, clip_dim) from CLIP, `sequence` (B, L, t5_dim) from T5."""
-
-    pooled: torch.Tensor
-    sequence: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.pooled.shape[0]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        return PromptEmbeds(self.pooled.to(device, dtype), self.sequence.to(device, dtype))
-
-    def select(self, rows: Sequence[int]) -> PromptEmbeds:
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.pooled.device)
-        return PromptEmbeds(self.pooled.index_select(0, index), self.sequence.index_select(0, index))
-
-    @staticmethod
-    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        return PromptEmbeds(torch.cat([p.pooled for p in parts]), torch.cat([p.sequence for p in parts]))
 
 
 class TextEncoder:
@@ -53,8 +28,6 @@ class TextEncoder:
         speed: SpeedOptions | None = None,
     ) -> TextEncoder:
         """CLIP on device; T5 there too unless speed.t5_device places it elsewhere."""
-        from fluxray.acceleration import resolve
-
         t5_device = resolve(speed, device, "text").t5_device
         return cls(*load_text_encoders(source, device, dtype, t5_device), source.spec.max_sequence_length)
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from fluxray.acceleration import SpeedOptions, accelerate_vae, resolve, tile_threshold
 from fluxray.sampling import unpack_latents
 from fluxray.sources import ModelSource, load_vae
-
-if TYPE_CHECKING:
-    from fluxray.acceleration import SpeedOptions
 
 
 class VAEDecoder:
@@ -34,8 +30,6 @@ class VAEDecoder:
         speed: SpeedOptions | None = None,
     ) -> VAEDecoder:
         """The VAE with the speed switches applied (fluxray.acceleration)."""
-        from fluxray.acceleration import accelerate_vae, resolve, tile_threshold
-
         resolved = resolve(speed, device, "vae")
         vae = accelerate_vae(load_vae(source, device, dtype), resolved)
         return cls(vae, tile_threshold(vae, resolved))

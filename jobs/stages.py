@@ -32,11 +32,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fluxray.acceleration import SpeedOptions
+from fluxray.embeds import PromptEmbeds
 from fluxray.images import MEDIA_TYPES, encode_image
 from fluxray.pipeline import denoise_task, image_metadata, stage_runtime
 from fluxray.sampling import denoise
-from fluxray.sources import load_transformer
-from fluxray.text_encoding import PromptEmbeds, TextEncoder
+from fluxray.text_encoding import TextEncoder
+from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder
 from jobs.layout import image_key, metadata_key, metadata_prefix, parse_metadata_key
 from jobs.manifest import MANIFEST_SCHEMA

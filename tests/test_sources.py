@@ -16,7 +16,7 @@ from fluxray.sources import (
     ModelSourceError,
     UnsafeCheckpointError,
     load_text_encoders,
-    load_transformer,
+    load_transformer_module,
     load_vae,
     resolve_model,
 )
@@ -74,7 +74,7 @@ def test_pickle_component_in_a_diffusers_directory_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2)}, root / "transformer" / "diffusion_pytorch_model.bin")
     source = resolve_model(str(root))
     with pytest.raises(UnsafeCheckpointError, match="diffusion_pytorch_model.bin"):
-        load_transformer(source)
+        load_transformer_module(source)
     # Stages that do not need the transformer still load.
     assert load_vae(source) is not None
 
@@ -85,14 +85,14 @@ def test_each_stage_loads_only_its_own_components(tmp_path):
     encoder = TextEncoder.load(source)
     assert encoder.encode(["a cat"]).sequence.shape == (1, 512, 32)
     with pytest.raises(ModelSourceError, match="transformer"):
-        load_transformer(source)
+        load_transformer_module(source)
     with pytest.raises(ModelSourceError, match="vae"):
         load_vae(source)
 
 
 def test_random_weights_have_the_spec_architecture_and_are_reproducible():
     source = resolve_model("random:tiny")
-    a, b = load_transformer(source), load_transformer(source)
+    a, b = load_transformer_module(source), load_transformer_module(source)
     assert a.config.num_layers == 2 and a.config.guidance_embeds
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     _, clip, _, t5 = load_text_encoders(source)
