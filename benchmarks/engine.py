@@ -30,7 +30,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxray.params import GenerationParams  # noqa: E402
-from fluxray.pipeline import Pipeline, default_dtype, pick_device  # noqa: E402
+from fluxray.pipeline import Pipeline  # noqa: E402
+from fluxray.runtime import default_dtype, pick_device  # noqa: E402
 
 PROMPT = "a photo of a cat sitting on a red chair in the morning light"
 

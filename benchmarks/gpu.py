@@ -56,8 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxray.acceleration import SpeedOptions, resolve  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
-from fluxray.pipeline import Pipeline, default_dtype, denoise_task, pick_device  # noqa: E402
-from fluxray.sampling import denoise  # noqa: E402
+from fluxray.pipeline import Pipeline  # noqa: E402
+from fluxray.runtime import default_dtype, pick_device  # noqa: E402
+from fluxray.sampling import (
+    denoise,  # noqa: E402
+    denoise_task,  # noqa: E402
+)
 
 PROMPT = "a photo of a cat sitting on a red chair in the morning light"
 SEED = 1000

@@ -86,6 +86,11 @@ class AppConfig(BaseModel):
         "T5 placement); each replica applies those of its stage. See fluxray.acceleration.",
     )
 
+    @property
+    def runtime(self) -> tuple[str, str, str, int | None]:
+        """fluxray.runtime.stage_runtime's arguments: model, device, dtype, torch threads."""
+        return self.model, self.device, self.dtype, self.torch_threads
+
     @field_validator("default_size")
     @classmethod
     def _size(cls, value: str) -> str:
@@ -94,10 +99,3 @@ class AppConfig(BaseModel):
         except ValueError:
             raise ValueError("default_size must look like 1024x1024") from None
         return value
-
-
-def replica_runtime(config: AppConfig):
-    """(source, device, dtype) for a replica, applying torch_threads first."""
-    from fluxray.pipeline import stage_runtime
-
-    return stage_runtime(config.model, config.device, config.dtype, config.torch_threads)

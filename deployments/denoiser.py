@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
-from deployments.config import AppConfig, replica_runtime
+from deployments.config import AppConfig
 from deployments.metrics import DenoiserMetrics
 from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
-from fluxray.pipeline import denoise_task
-from fluxray.sampling import DenoiseTask, denoise_step, image_ids, text_ids
+from fluxray.runtime import stage_runtime
+from fluxray.sampling import DenoiseTask, denoise_step, denoise_task, image_ids, text_ids
 from fluxray.transformer import load_transformer
 
 
@@ -40,7 +40,7 @@ class _Entry:
 class DenoiserDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
-        self.source, self.device, self.dtype = replica_runtime(self.config)
+        self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.entries: deque[_Entry] = deque()

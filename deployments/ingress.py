@@ -38,9 +38,8 @@ from deployments.protocol import (
     to_generation_params,
 )
 from deployments.vae_decoder import DecodeRequest
-from fluxray.images import MEDIA_TYPES
+from fluxray.images import MEDIA_TYPES, image_metadata
 from fluxray.params import GenerationParams, describe_validation_error
-from fluxray.pipeline import image_metadata
 from fluxray.sources import resolve_model
 
 SEED_HEADER = "X-Seed"

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from deployments.config import AppConfig, replica_runtime
+from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
 from fluxray.embeds import PromptEmbeds
+from fluxray.runtime import stage_runtime
 from fluxray.text_encoding import TextEncoder
 
 
@@ -27,7 +28,7 @@ class EncodedPrompt:
 class TextEncoderDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
-        source, device, dtype = replica_runtime(self.config)
+        source, device, dtype = stage_runtime(*self.config.runtime)
         self.encoder = TextEncoder.load(source, device, dtype, self.config.speed)
         self.cache: OrderedDict[tuple[str, str | None], PromptEmbeds] = OrderedDict()
         # One thread runs the models, so the event loop stays free to collect the next batch.

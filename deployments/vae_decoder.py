@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from ray import serve
 
-from deployments.config import AppConfig, replica_runtime
+from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
 from fluxray.images import encode_image
+from fluxray.runtime import stage_runtime
 from fluxray.vae import VAEDecoder
 
 
@@ -29,7 +30,7 @@ class DecodeRequest:
 class VAEDecoderDeployment:
     def __init__(self, config: dict):
         self.config = AppConfig.model_validate(config)
-        source, device, dtype = replica_runtime(self.config)
+        source, device, dtype = stage_runtime(*self.config.runtime)
         self.decoder = VAEDecoder.load(source, device, dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.decode_batch.set_max_batch_size(self.config.vae_max_batch_size)

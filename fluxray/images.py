@@ -10,9 +10,31 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+import fluxray
+from fluxray.params import GenerationParams
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 METADATA_KEY = "fluxray"
+
+
+def image_metadata(params: GenerationParams, seed: int, model: str) -> dict[str, Any]:
+    """Every parameter needed to make an image again (no timestamps: same inputs, same bytes)."""
+    return {
+        "model": model,
+        "prompt": params.prompt,
+        "prompt_2": params.prompt_2,
+        "negative_prompt": params.negative_prompt,
+        "seed": seed,
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "guidance_scale_end": params.guidance_scale_end,
+        "true_cfg_scale": params.true_cfg_scale,
+        "sampler": "flow-match-euler",
+        "fluxray_version": fluxray.__version__,
+    }
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "png", metadata: Mapping[str, Any] | None = None) -> bytes:

@@ -11,86 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-import fluxray
 from fluxray.acceleration import SpeedOptions, resolve
-from fluxray.embeds import PromptEmbeds
-from fluxray.images import encode_image
+from fluxray.images import encode_image, image_metadata
 from fluxray.params import GenerationParams
-from fluxray.sampling import DenoiseTask, denoise, flow_sigmas, initial_noise
+from fluxray.runtime import default_dtype, pick_device
+from fluxray.sampling import denoise, denoise_task
 from fluxray.sources import ModelSource, resolve_model
-from fluxray.specs import ModelSpec
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """`auto`/None means CUDA when there is a GPU, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (what FLUX.1 was released in), float32 on the CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def stage_runtime(
-    model: str | None, device: str | None = None, dtype: str | None = None, threads: int | None = None
-) -> tuple[ModelSource, torch.device, torch.dtype]:
-    """(source, device, dtype) for a process that runs model stages (a Serve replica, a Ray Data
-    actor): its torch thread count applied first, `auto`/None device and dtype resolved."""
-    if threads:
-        torch.set_num_threads(threads)
-    dev = pick_device(device)
-    torch_dtype = default_dtype(dev) if dtype in (None, "auto") else getattr(torch, dtype)
-    return resolve_model(model), dev, torch_dtype
-
-
-def image_metadata(params: GenerationParams, seed: int, model: str) -> dict[str, Any]:
-    """Every parameter needed to make an image again (no timestamps: same inputs, same bytes)."""
-    return {
-        "model": model,
-        "prompt": params.prompt,
-        "prompt_2": params.prompt_2,
-        "negative_prompt": params.negative_prompt,
-        "seed": seed,
-        "width": params.width,
-        "height": params.height,
-        "num_inference_steps": params.num_inference_steps,
-        "guidance_scale": params.guidance_scale,
-        "guidance_scale_end": params.guidance_scale_end,
-        "true_cfg_scale": params.true_cfg_scale,
-        "sampler": "flow-match-euler",
-        "fluxray_version": fluxray.__version__,
-    }
-
-
-def denoise_task(
-    params: GenerationParams,
-    embeds: PromptEmbeds,
-    negative: PromptEmbeds | None,
-    spec: ModelSpec,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> DenoiseTask:
-    """The DenoiseTask of a resolved request: its n noises from seeds, its schedule and guidance.
-
-    embeds and negative hold one row (the request's prompt); they are repeated for the n images.
-    """
-    noise = torch.cat(
-        [initial_noise(s, params.height, params.width, dtype, spec.vae_scale_factor) for s in params.image_seeds()]
-    )
-    rows = [0] * params.n
-    return DenoiseTask(
-        latents=noise.to(device),
-        embeds=embeds.select(rows).to(device, dtype),
-        sigmas=flow_sigmas(params.num_inference_steps, noise.shape[1], spec.scheduler),
-        guidance=params.guidance_per_step(),
-        negative=negative.select(rows).to(device, dtype) if negative is not None and params.do_true_cfg else None,
-        true_cfg_scale=params.true_cfg_scale,
-    )
 
 
 @dataclass

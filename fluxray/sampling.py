@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from fluxray.embeds import PromptEmbeds
+from fluxray.params import GenerationParams
+from fluxray.specs import ModelSpec
 
 LATENT_CHANNELS = 16
 
@@ -202,3 +204,29 @@ def denoise(
         denoise_step(transformer, tasks, img, txt)
         if on_step is not None:
             on_step()
+
+
+def denoise_task(
+    params: GenerationParams,
+    embeds: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DenoiseTask:
+    """The DenoiseTask of a resolved request: its n noises from seeds, its schedule and guidance.
+
+    embeds and negative hold one row (the request's prompt); they are repeated for the n images.
+    """
+    noise = torch.cat(
+        [initial_noise(s, params.height, params.width, dtype, spec.vae_scale_factor) for s in params.image_seeds()]
+    )
+    rows = [0] * params.n
+    return DenoiseTask(
+        latents=noise.to(device),
+        embeds=embeds.select(rows).to(device, dtype),
+        sigmas=flow_sigmas(params.num_inference_steps, noise.shape[1], spec.scheduler),
+        guidance=params.guidance_per_step(),
+        negative=negative.select(rows).to(device, dtype) if negative is not None and params.do_true_cfg else None,
+        true_cfg_scale=params.true_cfg_scale,
+    )

@@ -33,9 +33,9 @@ from safetensors.torch import save as save_tensors
 
 from fluxray.acceleration import SpeedOptions
 from fluxray.embeds import PromptEmbeds
-from fluxray.images import MEDIA_TYPES, encode_image
-from fluxray.pipeline import denoise_task, image_metadata, stage_runtime
-from fluxray.sampling import denoise
+from fluxray.images import MEDIA_TYPES, encode_image, image_metadata
+from fluxray.runtime import stage_runtime
+from fluxray.sampling import denoise, denoise_task
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder

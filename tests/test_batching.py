@@ -5,8 +5,7 @@ from __future__ import annotations
 from image_checks import max_pixel_diff
 
 from fluxray.params import GenerationParams
-from fluxray.pipeline import denoise_task
-from fluxray.sampling import DenoiseTask, denoise_step, image_ids, text_ids
+from fluxray.sampling import DenoiseTask, denoise_step, denoise_task, image_ids, text_ids
 
 W, H = 96, 64
 
