@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fluxray.sources import TINY_MODEL_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_regenerating_gives_the_shipped_files(tmp_path):
