@@ -38,8 +38,10 @@ from deployments.vae_decoder import DecodeRequest
 from fluxray.images import MEDIA_TYPES, image_metadata
 from fluxray.params import GenerationParams, describe_validation_error
 from fluxray.sources import resolve_model
+from fluxray.text_encoding import PromptLength
 
 SEED_HEADER = "X-Seed"
+TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start of the prompt
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
 ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz"})
@@ -64,6 +66,7 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         source = resolve_model(self.config.model)  # resolves the source; loads no weights
         self.spec = source.spec
+        self.prompt_length = PromptLength.load(source)  # the tokenizers only: a few MB, no model
         self.model_name = self.config.served_model_name or source.name
         self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
         self.store = ObjectStore(self.config.object_store) if self.config.object_store else None
@@ -147,15 +150,17 @@ class Ingress:
         """Generate images (OpenAI Images API, plus fluxray's extension fields)."""
         params = self._params(request)
         files = await self._generate(params)
+        cut = self.prompt_length.truncated(params.prompt, params.prompt_2)
         if request.response_format == "url":
             loop = asyncio.get_running_loop()
             urls = await asyncio.gather(
                 *[loop.run_in_executor(None, self.store.put, f, params.output_format) for f in files]
             )
-            data = [ImageData(url=u, seed=s) for u, s in zip(urls, params.image_seeds())]
+            data = [ImageData(url=u, seed=s, truncated=cut) for u, s in zip(urls, params.image_seeds())]
         else:
             data = [
-                ImageData(b64_json=base64.b64encode(f).decode(), seed=s) for f, s in zip(files, params.image_seeds())
+                ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut)
+                for f, s in zip(files, params.image_seeds())
             ]
         return ImagesResponse(created=int(time.time()), data=data)
 
@@ -179,7 +184,10 @@ class Ingress:
             raise APIError(400, "response_format: /generate always returns the raw image", "response_format")
         params = self._params(request)
         files = await self._generate(params)
-        return Response(files[0], media_type=MEDIA_TYPES[params.output_format], headers={SEED_HEADER: str(params.seed)})
+        headers = {SEED_HEADER: str(params.seed)}
+        if cut := self.prompt_length.truncated(params.prompt, params.prompt_2):
+            headers[TRUNCATED_HEADER] = ",".join(cut)
+        return Response(files[0], media_type=MEDIA_TYPES[params.output_format], headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]}, dependencies=API_KEY)
     async def models(self) -> ModelList:

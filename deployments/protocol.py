@@ -63,6 +63,11 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     seed: int = Field(description="The seed that made this image.")
+    truncated: list[str] = Field(
+        default_factory=list,
+        description="Text encoders that read only the start of the prompt: 'clip' (77 tokens), 't5' "
+        "(512 for flux-dev, 256 for schnell); empty when both read all of it.",
+    )
 
 
 class ImagesResponse(BaseModel):

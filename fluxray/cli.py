@@ -124,6 +124,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     pipeline = Pipeline.load(args.model, device=args.device, speed=speed)
+    for encoder in pipeline.text_encoder.length.truncated(params.prompt, params.prompt_2):
+        limit = "77" if encoder == "clip" else str(spec.max_sequence_length)
+        print(
+            f"fluxray: warning: the prompt is longer than {encoder.upper()}'s {limit} tokens; it reads the start only",
+            file=sys.stderr,
+        )
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step", disable=args.no_progress) as bar:
         images = pipeline.generate(params, on_step=lambda: bar.update(1))
     for image, path in zip(images, _output_paths(output, params.n)):

@@ -8,7 +8,31 @@ import torch
 
 from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.embeds import PromptEmbeds
-from fluxray.sources import ModelSource, load_text_encoders
+from fluxray.sources import ModelSource, load_text_encoders, load_tokenizers
+
+
+class PromptLength:
+    """Counts a prompt's tokens as the encoders will, to tell which of them cut it short: CLIP reads
+    77 tokens, T5 the spec's max_sequence_length (512 for dev); the rest is silently dropped, as
+    in FluxPipeline (which only logs a warning). Needs the tokenizers only, not the models."""
+
+    def __init__(self, clip_tokenizer, t5_tokenizer, max_sequence_length: int):
+        self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def load(cls, source: ModelSource) -> PromptLength:
+        return cls(*load_tokenizers(source), source.spec.max_sequence_length)
+
+    def truncated(self, prompt: str, prompt_2: str | None = None) -> list[str]:
+        """The encoders ("clip", "t5") that will not see the whole prompt (T5 reads prompt_2 if given)."""
+        cut = []
+        if len(self.clip_tokenizer(prompt, verbose=False).input_ids) > self.clip_tokenizer.model_max_length:
+            cut.append("clip")
+        t5_text = prompt_2 if prompt_2 is not None else prompt
+        if len(self.t5_tokenizer(t5_text, verbose=False).input_ids) > self.max_sequence_length:
+            cut.append("t5")
+        return cut
 
 
 class TextEncoder:
@@ -18,6 +42,7 @@ class TextEncoder:
         self.clip_tokenizer, self.clip = clip_tokenizer, clip
         self.t5_tokenizer, self.t5 = t5_tokenizer, t5
         self.max_sequence_length = max_sequence_length
+        self.length = PromptLength(clip_tokenizer, t5_tokenizer, max_sequence_length)
 
     @classmethod
     def load(

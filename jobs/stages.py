@@ -67,6 +67,7 @@ RECORD = [
     ("true_cfg_scale", pa.float64()),
     ("fingerprint", pa.string()),
     ("overwrite", pa.bool_()),
+    ("truncated", pa.string()),  # the encoders that read only the start of the prompt, comma-separated
     ("status", pa.string()),
     ("reason", pa.string()),
     *TIMES,
@@ -178,6 +179,7 @@ class EncodeStage:
         cfg = [k for k, r in enumerate(rows) if r["negative_prompt"] and r["true_cfg_scale"] > 1]
         negatives = self.encoder.encode([rows[k]["negative_prompt"] for k in cfg]) if cfg else None
         for k, row in enumerate(rows):
+            row["truncated"] = ",".join(self.encoder.length.truncated(row["prompt"], row["prompt_2"]))
             tensors = {"pooled": embeds.pooled[k], "sequence": embeds.sequence[k]}
             if k in cfg:
                 j = cfg.index(k)
@@ -292,6 +294,7 @@ class WriteStage:
                 "model_identity": self.model_identity,
                 "image": image,
                 "format": self.output_format,
+                "truncated": row["truncated"].split(",") if row["truncated"] else [],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self.storage.put(meta, json.dumps(record, sort_keys=True).encode(), "application/json")

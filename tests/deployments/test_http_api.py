@@ -117,6 +117,22 @@ def test_generate_returns_raw_png_with_seed_header(cluster):
     assert Image.open(io.BytesIO(default.content)).size == (256, 256)  # local.yaml's default_size
 
 
+def test_a_prompt_longer_than_clip_reads_is_reported(cluster):
+    long_prompt = " ".join(["lighthouse"] * 30)  # past CLIP's 77 tokens, within T5's 512 (the tiny vocabularies)
+    body = {"prompt": long_prompt, "size": "64x64", "seed": 3, "n": 2, **STEPS}
+    response = httpx.post(f"{cluster.url}/v1/images/generations", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert [d["truncated"] for d in response.json()["data"]] == [["clip"], ["clip"]]
+    short = httpx.post(f"{cluster.url}/v1/images/generations", json={**body, "prompt": "a cat", "n": 1}, timeout=120)
+    assert short.json()["data"][0]["truncated"] == []
+    raw = httpx.post(f"{cluster.url}/generate", json={**body, "n": 1}, timeout=120)
+    assert raw.status_code == 200 and raw.headers["x-prompt-truncated"] == "clip"
+    assert (
+        "x-prompt-truncated"
+        not in httpx.post(f"{cluster.url}/generate", json={**body, "prompt": "a cat", "n": 1}, timeout=120).headers
+    )
+
+
 def test_url_format_stores_the_image_in_s3(cluster):
     result = client(cluster).images.generate(
         prompt="a lighthouse", size="64x64", response_format="url", extra_body={"seed": 5, **STEPS}

@@ -140,3 +140,14 @@ def test_models_and_model_path():
     assert "black-forest-labs/FLUX.1-dev" in models.stdout
     path = fluxray("model-path", "tiny")
     assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR)
+
+
+def test_a_prompt_longer_than_clip_reads_is_warned_about(tmp_path, capsys):
+    common = ["generate", "--output", str(tmp_path / "x.png"), "--width", "64", "--height", "64", "--steps", "1"]
+    common += ["--no-progress", "--seed", "1", "--device", "cpu"]
+    assert main([*common, "--prompt", " ".join(["lighthouse"] * 30)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "fluxray: warning: the prompt is longer than CLIP's 77 tokens; it reads the start only"
+    ]
+    assert main([*common, "--prompt", "a lighthouse"]) == 0
+    assert capsys.readouterr().err == ""

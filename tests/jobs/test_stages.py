@@ -112,6 +112,22 @@ def test_any_layout_of_failing_rows_keeps_one_schema_and_costs_only_those_rows(s
             assert row[f"{stage_name}_s"] > 0
 
 
+def test_a_prompt_longer_than_an_encoder_reads_is_recorded(stages):
+    pipeline, output = stages
+    long_prompt = " ".join(["lighthouse"] * 30)  # past CLIP's 77 tokens, within T5's 512
+    records = [
+        make_record({"id": f"long-{n}", "prompt": p}, "p.jsonl", n + 1, DEFAULTS)
+        for n, p in enumerate(["a cat", long_prompt])
+    ]
+    table = table_of(records)
+    for _, stage, _ in pipeline:
+        table = stage(table)
+    short, long = sorted(table.to_pylist(), key=lambda r: r["row"])
+    assert (short["status"], long["status"]) == ("written", "written")
+    assert json.loads((output / short["metadata"]).read_text())["truncated"] == []
+    assert json.loads((output / long["metadata"]).read_text())["truncated"] == ["clip"]
+
+
 def test_embeddings_and_latents_travel_in_the_model_dtype():
     from safetensors.torch import load
 
