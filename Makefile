@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test run serve generate test lint format bench bench-serve tiny-model clean
+.PHONY: install install-test run serve generate test lint format bench bench-serve tiny-model crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ bench-serve: install-test
 
 tiny-model: install
 	$(BIN)/python scripts/make_tiny_model.py
+
+## Refresh the vendored KubeRay CRDs (k8s/crds/) from a KubeRay tag or commit: make crds KUBERAY_REF=v1.5.0
+KUBERAY_REF ?=
+CRDS_URL ?= https://raw.githubusercontent.com/ray-project/kuberay/$(KUBERAY_REF)/ray-operator/config/crd/bases
+CRD_FILES := ray.io_rayclusters.yaml ray.io_rayjobs.yaml ray.io_rayservices.yaml
+
+crds:
+	@test -n "$(KUBERAY_REF)" || { echo "usage: make crds KUBERAY_REF=<KubeRay tag or commit, e.g. v1.5.0>" >&2; exit 2; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	for f in $(CRD_FILES); do curl -fsSL "$(CRDS_URL)/$$f" -o "$$tmp/$$f" || exit 1; done && \
+	cp $(addprefix "$$tmp"/,$(CRD_FILES)) k8s/crds/ && \
+	echo "k8s/crds/: KubeRay CRDs at $(KUBERAY_REF); now update its README.md's version row and run make test"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

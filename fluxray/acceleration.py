@@ -311,6 +311,20 @@ def warm_up(model, sizes, max_sequence_length: int, batches=WARMUP_BATCHES) -> N
             )
 
 
+def _set_attention_backend(model, backend: str) -> None:
+    """The attention kernel of this model's layers only. diffusers' set_attention_backend also makes
+    it the process-wide default, which every other model in the process then runs with (a diffusers
+    peer in the same benchmark run, another pipeline in the same test session); that default is put
+    back, and this model's layers keep their own backend."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry._active_backend
+    try:
+        model.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
+
+
 def accelerate_transformer(model, speed: ResolvedSpeed, max_sequence_length: int):
     """Apply the transformer's switches in place, in the order they compose: fuse QKV (so the fused
     weight is what gets quantized), quantize, pick the attention kernel, compile, warm up."""
@@ -319,7 +333,7 @@ def accelerate_transformer(model, speed: ResolvedSpeed, max_sequence_length: int
     if speed.quantize != "none":
         _quantize(model, speed.quantize, model.device)
     if speed.attention is not None:
-        model.set_attention_backend(speed.attention)
+        _set_attention_backend(model, speed.attention)
     if speed.compile:
         _compile(model, speed)
         if speed.warmup_sizes:

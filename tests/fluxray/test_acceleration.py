@@ -140,9 +140,14 @@ def test_fp8_linear_compiles_whole_with_dynamic_shapes():
 
 
 def test_attention_backend_reaches_every_block(tiny_pipeline):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
     pipeline = Pipeline.load("tiny", device="cpu", speed=SpeedOptions(attention="math"))
     backends = {m.processor._attention_backend for m in pipeline.transformer.modules() if hasattr(m, "processor")}
     assert {str(b.value) for b in backends} == {"_native_math"}
+    # Only this model's: every other model in the process keeps the default kernel.
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default
     assert max_pixel_diff(images(pipeline, 64, 64), images(tiny_pipeline, 64, 64)) <= 1
 
 

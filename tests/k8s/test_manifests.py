@@ -26,8 +26,8 @@ from jobs.config import UsageError, load_config
 from jobs.generate import check_resources, resource_needs
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
 K8S = ROOT / "k8s"
+CRDS = K8S / "crds"  # KubeRay's own CRDs, vendored (k8s/crds/README.md says from where and how to refresh)
 CONFIGS = ROOT / "deployments" / "configs"
 DOCKERFILE = ROOT / "cluster" / "Dockerfile"
 LAUNCHER = ROOT / "cluster" / "gpu-cluster.yaml"
@@ -43,7 +43,7 @@ def load_render():
 
 
 render = load_render()
-MANIFESTS = sorted(K8S.rglob("*.yaml"))
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if CRDS not in p.parents)
 DOCS = [(path, doc) for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
 RAY_DOCS = [(path, doc) for path, doc in DOCS if doc["apiVersion"] == "ray.io/v1"]
 SECRETS = {doc["metadata"]["name"]: doc for doc in yaml.safe_load_all((K8S / "secrets.example.yaml").read_text())}
