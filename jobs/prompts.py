@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error
 from fluxray.specs import ModelSpec
-from jobs.layout import fingerprint
+from jobs.layout import IMAGE_FIELDS, fingerprint
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -38,22 +38,7 @@ FORMATS = {
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COLUMN_OF_FIELD = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 OPTIONAL_TEXT = ("prompt_2", "negative_prompt")
-RECORD_FIELDS = (
-    "id",
-    "source",
-    "prompt",
-    "prompt_2",
-    "negative_prompt",
-    "seed",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "true_cfg_scale",
-    "fingerprint",
-    "status",
-    "reason",
-)
+RECORD_FIELDS = ("id", "source", *IMAGE_FIELDS, "fingerprint", "status", "reason")
 MAX_FILE_ID = 100  # leaves room for '-' and the row number within an id's 128 characters
 
 
