@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fluxray.params import GenerationParams  # noqa: E402
-from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.runtime import default_dtype, pick_device  # noqa: E402
+from fluxray.params import GenerationParams
+from fluxray.pipeline import Pipeline
+from fluxray.runtime import default_dtype, pick_device
 
 PROMPT = "a photo of a cat sitting on a red chair in the morning light"
 

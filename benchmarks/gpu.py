@@ -36,7 +36,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import re
 import statistics
@@ -44,23 +43,18 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fluxray.acceleration import SpeedOptions, resolve  # noqa: E402
-from fluxray.params import GenerationParams  # noqa: E402
-from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.runtime import default_dtype, pick_device  # noqa: E402
+from fluxray.acceleration import SpeedOptions, resolve
+from fluxray.params import GenerationParams
+from fluxray.pipeline import Pipeline
+from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import (
-    denoise,  # noqa: E402
-    denoise_task,  # noqa: E402
+    denoise,
+    denoise_task,
 )
 
 PROMPT = "a photo of a cat sitting on a red chair in the morning light"
@@ -324,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label} ...", flush=True)
         try:
             report["modes"][label], outputs[label] = measure_mode(label, speed, args, device, dtype, model, sizes, peak)
-        except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others' figures
+        except Exception as error:
             report["modes"][label] = {"error": f"{type(error).__name__}: {error}"[:2000]}
             print(f"  {label} failed: {report['modes'][label]['error']}", flush=True)
             free(device)

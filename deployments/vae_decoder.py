@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
 from fluxray.images import encode_image
 from fluxray.runtime import stage_runtime
+from fluxray.sampling import group_by_size
 from fluxray.vae import VAEDecoder
 
 
@@ -40,9 +40,9 @@ class VAEDecoderDeployment:
 
     def _decode(self, items: list[tuple[torch.Tensor, DecodeRequest]]) -> list[list[bytes]]:
         results: dict[int, list[bytes]] = {}
-        order = sorted(range(len(items)), key=lambda i: (items[i][1].height, items[i][1].width))
-        for (height, width), group in groupby(order, key=lambda i: (items[i][1].height, items[i][1].width)):
-            group = list(group)
+        for (height, width), group in group_by_size(
+            range(len(items)), lambda i: (items[i][1].height, items[i][1].width)
+        ):
             self.largest_batch = max(self.largest_batch, len(group))
             self.metrics.batch.observe(sum(items[i][0].shape[0] for i in group))
             pixels = self.decoder.decode(torch.cat([items[i][0] for i in group]), height, width).numpy()

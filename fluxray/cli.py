@@ -12,17 +12,13 @@ import sys
 from pathlib import Path
 
 # fluxray never downloads at run time, and the libraries' info chatter is not for CLI users.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from pydantic import ValidationError
 
-from pydantic import ValidationError  # noqa: E402
-
-from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args  # noqa: E402
-from fluxray.params import GenerationParams, describe_validation_error  # noqa: E402
-from fluxray.sources import ModelSourceError, resolve_model  # noqa: E402
-from fluxray.specs import SPECS  # noqa: E402
+from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args
+from fluxray.params import GenerationParams, describe_validation_error
+from fluxray.sources import ModelSourceError, resolve_model
+from fluxray.specs import SPECS
+from fluxray.usage import ArgumentParser, UsageError
 
 FLAG_OF_FIELD = {
     "prompt": "--prompt",
@@ -40,18 +36,9 @@ FLAG_OF_FIELD = {
 FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
-class UsageError(Exception):
-    """A mistake in how fluxray was called; printed as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fluxray", description="FLUX.1 text-to-image generation")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="fluxray", description="FLUX.1 text-to-image generation")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     gen = sub.add_parser("generate", help="generate images in this process")
     gen.add_argument("--prompt", required=True)

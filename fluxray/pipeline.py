@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.images import encode_image, image_metadata
 from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
-from fluxray.sampling import denoise, denoise_task
+from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.sources import ModelSource, resolve_model
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
@@ -106,9 +105,7 @@ class Pipeline:
             requests = [requests]
         resolved = [r.resolve(self.source.spec) for r in requests]
         results: dict[int, list[GeneratedImage]] = {}
-        order = sorted(range(len(resolved)), key=lambda i: (resolved[i].height, resolved[i].width))
-        for _size, group in groupby(order, key=lambda i: (resolved[i].height, resolved[i].width)):
-            indices = list(group)
+        for _size, indices in group_by_size(range(len(resolved)), lambda i: (resolved[i].height, resolved[i].width)):
             for i, images in zip(indices, self._generate_same_size([resolved[i] for i in indices], on_step)):
                 results[i] = images
         return [image for i in range(len(resolved)) for image in results[i]]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +23,14 @@ from fluxray.params import GenerationParams
 from fluxray.specs import ModelSpec
 
 LATENT_CHANNELS = 16
+T = TypeVar("T")
+
+
+def group_by_size(items: Iterable[T], size: Callable[[T], tuple[int, int]]) -> list[tuple[tuple[int, int], list[T]]]:
+    """Items grouped by their image size (height, width), smallest first: the tasks of one
+    transformer or VAE call must share a size."""
+    ordered = sorted(items, key=size)
+    return [(key, list(group)) for key, group in groupby(ordered, key=size)]
 
 
 def latent_size(height: int, width: int, vae_scale_factor: int = 8) -> tuple[int, int]:

@@ -20,12 +20,9 @@ from fluxray.acceleration import (
     speed_options_from_args,
 )
 from fluxray.params import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE
+from fluxray.usage import ArgumentParser, UsageError
 
 STAGES = ("encode", "denoise", "decode", "write")
-
-
-class UsageError(Exception):
-    """A mistake in the job's command line, config file or input; printed as one line."""
 
 
 class StageResources(BaseModel):
@@ -134,15 +131,12 @@ def flag(field: str) -> str:
     return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags for every JobConfig field. None default everywhere: a flag overrides the config file
     only when given."""
-    parser = _Parser(prog="python -m jobs.generate", description="Prompts in, images + metadata + a manifest out.")
+    parser = ArgumentParser(
+        prog="python -m jobs.generate", description="Prompts in, images + metadata + a manifest out."
+    )
     parser.add_argument("--config", help="YAML file of JobConfig fields; flags given here override it")
     for name in _OWN_FLAGS:
         info = JobConfig.model_fields[name]

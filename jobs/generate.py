@@ -23,22 +23,18 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import ray
+import ray.data
+from botocore.exceptions import BotoCoreError, ClientError
 
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
-
-from fluxray.sources import ModelSource, ModelSourceError, resolve_model  # noqa: E402
-from jobs.config import STAGES, JobConfig, UsageError, load_config  # noqa: E402
-from jobs.layout import model_identity  # noqa: E402
-from jobs.manifest import ManifestWriter  # noqa: E402
-from jobs.plan import SETTLED, FilePlan, OutputIndex, plan_rows  # noqa: E402
-from jobs.progress import Progress  # noqa: E402
-from jobs.prompts import InputError, JobDefaults, records  # noqa: E402
-from jobs.stages import (  # noqa: E402
+from fluxray.sources import ModelSource, ModelSourceError, resolve_model
+from jobs.config import STAGES, JobConfig, UsageError, load_config
+from jobs.layout import model_identity
+from jobs.manifest import ManifestWriter
+from jobs.plan import SETTLED, FilePlan, OutputIndex, plan_rows
+from jobs.progress import Progress
+from jobs.prompts import InputError, JobDefaults, records
+from jobs.stages import (
     FAULTS_ENV,
     DecodeStage,
     DenoiseStage,
@@ -46,7 +42,7 @@ from jobs.stages import (  # noqa: E402
     PromptDatasource,
     WriteStage,
 )
-from jobs.storage import StorageError, open_storage, split_input_uri  # noqa: E402
+from jobs.storage import StorageError, open_storage, split_input_uri
 
 READ_CPUS = 0.1  # each read task's share; read tasks run beside the actor pools
 RESOURCE_WAIT_S = 20.0  # resources busy with a finished job's actors come back within seconds

@@ -22,7 +22,6 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from itertools import groupby
 
 import pyarrow as pa
 import torch
@@ -35,7 +34,7 @@ from fluxray.acceleration import SpeedOptions
 from fluxray.embeds import PromptEmbeds
 from fluxray.images import MEDIA_TYPES, encode_image, image_metadata
 from fluxray.runtime import stage_runtime
-from fluxray.sampling import denoise, denoise_task
+from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder
@@ -161,10 +160,8 @@ def _timed(stage: str, schema: pa.Schema, rows: list[dict], started: float) -> p
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _by_size(rows: list[dict]):
-    """(height, width), rows of that size: same-size rows share each transformer and VAE call."""
-    ordered = sorted(rows, key=lambda r: (r["height"], r["width"]))
-    return groupby(ordered, key=lambda r: (r["height"], r["width"]))
+def _by_size(rows: list[dict]) -> list[tuple[tuple[int, int], list[dict]]]:
+    return group_by_size(rows, lambda r: (r["height"], r["width"]))
 
 
 class EncodeStage:
@@ -217,7 +214,6 @@ class DenoiseStage:
 
     def _denoise(self, rows: list[dict]) -> None:
         for (height, width), group in _by_size(rows):
-            group = list(group)
             tasks = [self._task(row) for row in group]
             denoise(self.transformer, tasks, height, width)
             for row, task in zip(group, tasks):
@@ -245,7 +241,6 @@ class DecodeStage:
 
     def _decode(self, rows: list[dict]) -> None:
         for (height, width), group in _by_size(rows):
-            group = list(group)
             latents = torch.cat([load_tensors(row["latents"])["latents"] for row in group])
             pixels = self.decoder.decode(latents.to(self.device, self.dtype), height, width)
             for row, image in zip(group, pixels):

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-import pytest  # noqa: E402
-
-from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
+from fluxray.pipeline import Pipeline
+from fluxray.sources import TINY_MODEL_DIR
 
 
 @pytest.fixture(scope="session")
