@@ -212,7 +212,7 @@ def run(config: JobConfig) -> int:
         progress = None
         if pending:
             progress = generate(config, source, defaults, input_storage.uri, plans, manifest)
-        print(progress.line(), flush=True)
+            print(progress.line(), flush=True)
         manifest_key = f"manifest/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.parquet"
         output.put(manifest_key, manifest.close(), "application/vnd.apache.parquet")
     wall = time.monotonic() - started

@@ -257,15 +257,20 @@ class Cluster:
 
     def stop(self) -> None:
         """Stops this cluster's processes only: `ray stop` would kill every Ray process of the user,
-        a cluster they run beside the tests included."""
-        processes = self.own_processes()
-        for process in processes:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-        _, alive = psutil.wait_procs(processes, timeout=20)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+        a cluster they run beside the tests included. Repeated while any is left: a raylet that is
+        being stopped can still start a worker."""
+        for _ in range(5):
+            processes = self.own_processes()
+            if not processes:
+                break
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    process.terminate()
+            _, alive = psutil.wait_procs(processes, timeout=10)
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            psutil.wait_procs(alive, timeout=10)
         if self.s3_process:
             self.s3_process.terminate()
             self.s3_process.wait(timeout=30)

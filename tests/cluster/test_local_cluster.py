@@ -126,7 +126,7 @@ def test_the_rayjob_entrypoint_runs_across_the_nodes(cluster, tmp_path):
     address = cluster.state()["RAY_DASHBOARD"]
     submitted = cluster.run("ray", "job", "submit", "--address", address, "--working-dir", ".", "--", *argv)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert "written=6 skipped=0 invalid=0 failed=0" in submitted.stdout
+    assert "written=6 skipped=0 invalid=0 duplicate=0 conflict=0 failed=0" in submitted.stdout
     images = sorted((tmp_path / "run" / "images").iterdir())
     assert len(images) == 6 and len(list((tmp_path / "run" / "metadata").iterdir())) == 6
     assert {Image.open(p).format for p in images} == {"PNG"}
