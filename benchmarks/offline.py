@@ -115,7 +115,7 @@ def run_job(count: int, size: int, steps: int, workdir: Path) -> dict:
         "--decode-batch-size",
         "16",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray per run
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a fresh local Ray per run, whatever else is running
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sampler = MemorySampler(process.pid)
@@ -241,7 +241,7 @@ def run_resume(count: int, size: int, steps: int, workdir: Path, s3: S3Server | 
         source = f"s3://{s3.bucket}/inputs/resume-{count}.jsonl"
     command = [sys.executable, "-m", "jobs.generate", "--input", source, "--output", output]
     command += ["--width", str(size), "--height", str(size), "--steps", str(steps)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = MemorySampler(process.pid)

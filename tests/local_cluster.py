@@ -271,6 +271,12 @@ class Cluster:
                 with contextlib.suppress(psutil.Error):
                     process.kill()
             psutil.wait_procs(alive, timeout=10)
+        # `ray start` recorded this head as the machine's current cluster, which a later bare
+        # ray.init() would try to join; `ray stop` removes the record, so must this.
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
         if self.s3_process:
             self.s3_process.terminate()
             self.s3_process.wait(timeout=30)
