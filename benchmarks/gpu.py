@@ -10,8 +10,11 @@ small dependencies) ride in this checkout's ignored `.whl/` folder:
 On a fresh checkout, fetch those wheels first (the device has Python 3.12 and no package index):
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
-        typing-inspection==0.4.2 importlib-metadata==8.7.0 typing-extensions==4.15.0
+        diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+        typing-inspection==0.4.5 importlib-metadata==10.2.0 typing-extensions==4.16.0
+
+For the nf4 mode add bitsandbytes (0.50.2; its wheel is 43 MB, so unpack it into `.whl/bnb/`
+keeping only `libbitsandbytes_cuda130.so` among its CUDA libraries, and add `.whl/bnb` to PYTHONPATH).
 
 Here, on the CPU, the same code path on the tiny model (int8 stands in for fp8, which needs a GPU):
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import platform
@@ -190,6 +194,8 @@ def measure_mode(name, speed, args, device, dtype, model, sizes, peak) -> tuple[
     started = time.perf_counter()
     pipeline = Pipeline.load(model, device=str(device), dtype=dtype, speed=speed)
     report = {"load_seconds": round(time.perf_counter() - started, 2), "sizes": {}}
+    if device.type == "cuda":  # weights held once loaded (the peak below adds activations and loading)
+        report["resident_memory_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
     if speed is not None:
         report["switches"] = resolve(speed, device).describe()
     peer = pipeline.to_diffusers() if name == "diffusers" else None
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (28; 4 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per size (2; 1 with --quick)")
     parser.add_argument(
-        "--modes", default="diffusers,bf16,quantized", help="any of diffusers, bf16, quantized, cudagraphs"
+        "--modes",
+        default="diffusers,bf16,quantized",
+        help="comma-separated, from: diffusers, bf16, quantized, cudagraphs, nf4, bf16-cudnn, bf16-flash, "
+        "quantized-cudnn",
     )
     parser.add_argument("--quantize", default=None, help="the quantized mode: fp8 on a GPU, int8 on the CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default by GPU name)")
@@ -277,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         "quantized": (f"fluxray-{quantize}", SpeedOptions(quantize=quantize)),
         # Opt-in: CUDA graphs over the compiled blocks (off by default; see SpeedOptions.cuda_graphs).
         "cudagraphs": ("fluxray-bf16-cudagraphs", SpeedOptions(cuda_graphs="on")),
+        # NF4 (bitsandbytes) is for memory: eager by default, its 4-bit GEMMs are opaque kernels.
+        "nf4": ("fluxray-nf4", SpeedOptions(quantize="nf4")),
+        # The attention kernel, one lever at a time: cuDNN's fused attention and torch's FlashAttention-2.
+        "bf16-cudnn": ("fluxray-bf16-cudnn", SpeedOptions(attention="cudnn")),
+        "bf16-flash": ("fluxray-bf16-flash", SpeedOptions(attention="flash")),
+        "quantized-cudnn": (f"fluxray-{quantize}-cudnn", SpeedOptions(quantize=quantize, attention="cudnn")),
     }
     unknown = [m for m in wanted if m not in modes]
     if unknown:
@@ -297,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda"
             else None,
             "peak_bf16_tflops": peak,
+            "attention_packages": [
+                m for m in ("flash_attn", "flash_attn_interface", "sageattention") if importlib.util.find_spec(m)
+            ],
+            "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
         },
         "config": {
             "model": model,

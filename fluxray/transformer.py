@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve
+from fluxray.acceleration import ResolvedSpeed, SpeedOptions, accelerate_transformer, resolve
 from fluxray.sources import ModelSource, load_transformer_module
 
 
@@ -20,5 +20,16 @@ def load_transformer(
     """
     device = torch.device(device)
     resolved = resolve(speed, device, "transformer")
-    model = load_transformer_module(source, device, dtype)
-    return accelerate_transformer(model, resolved, source.spec.max_sequence_length)
+    model = load_transformer_module(source, staging_device(source, resolved, device), dtype)
+    return accelerate_transformer(model, resolved, source.spec.max_sequence_length, device)
+
+
+def staging_device(source: ModelSource, speed: ResolvedSpeed, device: torch.device) -> torch.device:
+    """Where the weights land before the switches apply: the CPU when they are quantized for a GPU,
+    so the GPU never holds the whole model in full precision (bf16 FLUX.1-dev is 24 GB: NF4 and
+    int8 are for cards that cannot hold that), else the device itself. Random weights are built
+    on the device in any case: they are for speed benchmarks, and building 12B of them on the CPU
+    would take longer than the benchmark."""
+    if speed.quantize != "none" and device.type != "cpu" and source.kind != "random":
+        return torch.device("cpu")
+    return device
