@@ -46,7 +46,40 @@ class AppConfig(BaseModel):
     encoder_max_batch_size: int = Field(default=16, ge=1, description="Prompts encoded together.")
     encoder_batch_wait_s: float = Field(default=0.005, ge=0, description="Wait for more prompts to batch.")
     denoiser_max_batch_images: int = Field(default=8, ge=1, description="Images advanced by one transformer call.")
+    denoiser_max_batch_tokens: int = Field(
+        default=20480,
+        ge=1,
+        description="Transformer rows x tokens in one call (a row: one image, two with true CFG; tokens: "
+        "(H/16)*(W/16) + text). A larger request is split into whole images; a larger single image gets 422.",
+    )
+    scheduler: Literal["srpt", "fifo"] = Field(
+        default="srpt",
+        description="Denoiser order: srpt (least remaining work first, preempting at step boundaries) or fifo.",
+    )
+    max_slowdown: float = Field(
+        default=4.0,
+        gt=1,
+        description="srpt ages a request once its time in the system passes this x its standalone time.",
+    )
+    max_queue_wait_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A request the denoiser estimates would wait longer gets 429 (Retry-After: the estimate).",
+    )
+    stuck_after_s: float = Field(
+        default=300.0, gt=0, description="The denoiser reports unhealthy when no step ends this long while work waits."
+    )
+    unhealthy_after_failed_steps: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failed steps (each request retried alone) that make the denoiser unhealthy.",
+    )
     vae_max_batch_size: int = Field(default=8, ge=1, description="Requests decoded together.")
+    vae_max_batch_pixels: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 64,
+        description="Images x pixels in one VAE decode call; larger batches are decoded in parts.",
+    )
     vae_batch_wait_s: float = Field(default=0.005, ge=0, description="Wait for more requests to decode together.")
     request_timeout_s: float = Field(default=300.0, gt=0, description="A request still running then gets 504.")
     max_pending_requests: int = Field(

@@ -1,17 +1,24 @@
-"""Denoiser deployment: the transformer, stepping every request in flight together.
+"""Denoiser deployment: the transformer, stepping the requests in flight in the order the scheduler
+decides (deployments.scheduler: srpt or fifo, budgets in tokens).
 
-Requests join the running batch whenever they arrive and leave when their last step is done
-(continuous batching): each keeps its own seed, schedule, step index, guidance and true-CFG scale,
-because the engine's `denoise_step` works per request. Requests of one image size step together;
-sizes take turns. A request whose caller went away (client disconnect, timeout) is dropped at the
+Requests join whenever they arrive and leave when their last step is done (continuous batching):
+each keeps its own seed, schedule, step index, guidance and true-CFG scale, because the engine's
+`denoise_step` works per request. At every step boundary the scheduler picks the next batch (one
+image size per call), so a short request can run between two steps of a long one, which waits with
+its latents intact. A request whose caller went away (client disconnect, timeout) is dropped at the
 next step, so its remaining steps cost nothing.
+
+Admission: a request the scheduler estimates would wait more than `max_queue_wait_s` is refused
+(QueueFull, answered 429 with that estimate as Retry-After). Failures: when a batched step raises,
+each of its requests is retried alone once, so one bad request fails alone; an error that sticks to
+the device, `unhealthy_after_failed_steps` failed steps in a row, or no step for `stuck_after_s`
+while work waits, makes the health check fail so Serve replaces the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,19 +27,38 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.metrics import DenoiserMetrics
+from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
 from fluxray.runtime import stage_runtime
-from fluxray.sampling import DenoiseTask, denoise_step, denoise_task, image_ids, text_ids
+from fluxray.sampling import denoise_step, denoise_task, image_ids, text_ids
 from fluxray.transformer import load_transformer
+
+# Errors after which a CUDA context is unusable: every later call on it fails too.
+STICKY_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "CUDA error: an illegal instruction",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+)
+
+
+@dataclass
+class DenoisedLatents:
+    """What the Denoiser hands the VAE: the request's packed latents (CPU) and its timings so far."""
+
+    latents: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, queue, denoise
 
 
 @dataclass(eq=False)
-class _Entry:
-    task: DenoiseTask
-    size: tuple[int, int]  # (height, width)
+class _Work:
+    """A Job's payload: the engine's state of its images and the future its request awaits."""
+
+    task: object  # fluxray.sampling.DenoiseTask
     future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
 
@@ -43,32 +69,79 @@ class DenoiserDeployment:
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
-        self.entries: deque[_Entry] = deque()
+        self.scheduler = Scheduler(
+            policy=self.config.scheduler,
+            max_batch_tokens=self.config.denoiser_max_batch_tokens,
+            max_batch_images=self.config.denoiser_max_batch_images,
+            max_slowdown=self.config.max_slowdown,
+        )
         self.wakeup: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
         self.ids: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.counts = {"completed": 0, "cancelled": 0, "steps": 0, "max_rows": 0, "batched_steps": 0}
+        self.counts = {
+            "completed": 0,
+            "cancelled": 0,
+            "steps": 0,
+            "max_rows": 0,
+            "batched_steps": 0,
+            "rejected": 0,
+            "failed_steps": 0,
+            "retried_alone": 0,
+        }
+        self.failed_in_a_row = 0
+        self.unhealthy: str | None = None
+        self.last_progress = time.monotonic()
         self.metrics = DenoiserMetrics()
 
-    async def denoise(self, encoded: EncodedPrompt, params: GenerationParams) -> torch.Tensor:
+    # --- requests ------------------------------------------------------------------------------
+
+    async def denoise(self, encoded: EncodedPrompt, params: GenerationParams) -> DenoisedLatents:
         """Denoise a resolved request's n images; returns their packed latents on the CPU."""
+        if self.unhealthy:
+            raise RuntimeError(f"this denoiser replica is unhealthy ({self.unhealthy}); it is being replaced")
         loop = asyncio.get_running_loop()
         if self.loop_task is None or self.loop_task.done():
             self.wakeup = asyncio.Event()
             self.loop_task = loop.create_task(self._run())
-        task = denoise_task(params, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
-        entry = _Entry(task, (params.height, params.width), loop.create_future())
-        self.entries.append(entry)
-        self.metrics.queue_depth.set(len(self.entries))
+        shape = (params.height, params.width, encoded.embeds.sequence.shape[1])
+        per_image = 2 if encoded.negative is not None and params.do_true_cfg else 1
+        parts = split_images(
+            params.n, per_image, shape, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images
+        )
+        steps = params.num_inference_steps
+        if self.scheduler.jobs:
+            wait = self.scheduler.estimated_wait(shape, params.n * per_image, steps)
+            if wait > self.config.max_queue_wait_s:
+                self.counts["rejected"] += 1
+                raise QueueFull(wait)
+        else:
+            self.last_progress = time.monotonic()  # the clock of stuck_after_s starts with work
+        jobs, offset = [], 0
+        for images in parts:
+            part = params if len(parts) == 1 else params.model_copy(update={"n": images, "seed": params.seed + offset})
+            task = denoise_task(part, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
+            work = _Work(task, loop.create_future())
+            jobs.append(self.scheduler.add(Job(shape, images * per_image, images, steps, payload=work)))
+            offset += images
+        self.metrics.queue_depth.set(len(self.scheduler.jobs))
         self.wakeup.set()
         try:
-            return await entry.future
+            latents = torch.cat(await asyncio.gather(*[job.payload.future for job in jobs]))
         except asyncio.CancelledError:
-            entry.cancelled = True
+            for job in jobs:
+                job.payload.cancelled = True
             self.counts["cancelled"] += 1
             raise
         finally:
-            self.metrics.latency.observe(time.monotonic() - entry.enqueued)
+            self.metrics.latency.observe(time.monotonic() - jobs[0].arrival)
+        first = min(job.first_step for job in jobs)
+        queue, denoise = first - jobs[0].arrival, max(job.finished for job in jobs) - first
+        self.metrics.queue_wait.observe(queue)
+        for job in jobs:
+            self.metrics.slowdown.observe(self.scheduler.slowdown(job))
+        return DenoisedLatents(latents, {"encode": encoded.encode_s, "queue": queue, "denoise": denoise})
+
+    # --- the step loop ---------------------------------------------------------------------------
 
     def _ids(self, height: int, width: int, text_len: int):
         key = (height, width, text_len)
@@ -79,63 +152,99 @@ class DenoiserDeployment:
             )
         return self.ids[key]
 
-    def _next_batch(self) -> list[_Entry]:
-        # The size of the longest-waiting request goes next; its batch takes every waiting
-        # request of that size, oldest first, up to the image budget.
-        first = self.entries[0]
-        batch, rows = [], 0
-        for entry in self.entries:
-            if entry.size != first.size:
+    async def _step(self, batch: list[Job]) -> float:
+        """One transformer call over the batch's tasks, in the worker thread; its seconds."""
+        height, width, text = batch[0].shape
+        img, txt = self._ids(height, width, text)
+        started = time.monotonic()
+        tasks = [job.payload.task for job in batch]
+        await asyncio.get_running_loop().run_in_executor(self.executor, denoise_step, self.transformer, tasks, img, txt)
+        return time.monotonic() - started
+
+    def _stepped(self, batch: list[Job], seconds: float) -> None:
+        self.failed_in_a_row = 0
+        self.last_progress = time.monotonic()
+        rows = sum(job.rows for job in batch)
+        self.metrics.batch.observe(rows)
+        self.metrics.active_images.set(rows)
+        self.metrics.steps.inc()
+        self.counts["steps"] += 1
+        self.counts["batched_steps"] += len(batch) > 1
+        self.counts["max_rows"] = max(self.counts["max_rows"], rows)
+        preempted = self.scheduler.preemptions
+        for job in self.scheduler.stepped(batch, seconds):
+            self.scheduler.remove(job)
+            if not job.payload.future.done():
+                job.payload.future.set_result(job.payload.task.latents.to("cpu"))
+                self.counts["completed"] += 1
+        if preempted > self._preemptions_seen:
+            self.metrics.preemptions.inc(preempted - self._preemptions_seen)
+            self._preemptions_seen = preempted
+
+    _preemptions_seen = 0
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        self.scheduler.remove(job)
+        if not job.payload.future.done():
+            job.payload.future.set_exception(error)
+
+    def _failed_step(self, error: BaseException) -> None:
+        self.counts["failed_steps"] += 1
+        self.failed_in_a_row += 1
+        if any(marker in str(error) for marker in STICKY_ERRORS):
+            self.unhealthy = f"device error: {str(error).splitlines()[0][:200]}"
+        elif self.failed_in_a_row >= self.config.unhealthy_after_failed_steps:
+            self.unhealthy = f"{self.failed_in_a_row} denoising steps failed in a row (last: {error!r})"[:300]
+
+    async def _isolate(self, batch: list[Job], error: BaseException) -> None:
+        """A batched step raised: each of its requests runs its step alone once, so only the
+        requests that fail alone fail (the engine updates a task only after the call returns)."""
+        self._failed_step(error)
+        if len(batch) == 1:
+            self._fail(batch[0], error)
+            return
+        for job in batch:
+            if self.unhealthy:
+                self._fail(job, error)
                 continue
-            n = entry.task.latents.shape[0]
-            if batch and rows + n > self.config.denoiser_max_batch_images:
-                break
-            batch.append(entry)
-            rows += n
-        return batch
+            self.counts["retried_alone"] += 1
+            try:
+                seconds = await self._step([job])
+            except Exception as alone:  # noqa: BLE001 - it fails its own request only
+                self._failed_step(alone)
+                self._fail(job, alone)
+            else:
+                self._stepped([job], seconds)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            for entry in [e for e in self.entries if e.cancelled or e.future.done()]:
-                self.entries.remove(entry)
-            if not self.entries:
+            for job in [j for j in self.scheduler.jobs if j.payload.cancelled or j.payload.future.done()]:
+                self.scheduler.remove(job)
+            batch = self.scheduler.next_batch()
+            self.metrics.queue_depth.set(len(self.scheduler.jobs))
+            if not batch:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue
-            batch = self._next_batch()
-            height, width = batch[0].size
-            img, txt = self._ids(height, width, batch[0].task.embeds.sequence.shape[1])
-            tasks = [e.task for e in batch]
             try:
-                await loop.run_in_executor(self.executor, denoise_step, self.transformer, tasks, img, txt)
+                seconds = await self._step(batch)
             except Exception as error:  # a failed step fails its requests, not the replica
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(error)
+                await self._isolate(batch, error)
                 continue
-            rows = sum(t.latents.shape[0] for t in tasks)
-            self.metrics.batch.observe(rows)
-            self.metrics.active_images.set(rows)
-            self.metrics.steps.inc()
-            self.counts["steps"] += 1
-            self.counts["batched_steps"] += len(batch) > 1
-            self.counts["max_rows"] = max(self.counts["max_rows"], rows)
-            for entry in batch:
-                if entry.task.done and not entry.future.done():
-                    entry.future.set_result(entry.task.latents.to("cpu"))
-                    self.counts["completed"] += 1
-            # The batch goes to the back of the line, so another image size gets the next turn.
-            for entry in batch:
-                self.entries.remove(entry)
-                if not entry.future.done():
-                    self.entries.append(entry)
-            self.metrics.queue_depth.set(len(self.entries))
+            self._stepped(batch, seconds)
+
+    # --- for operators, tests and Serve ----------------------------------------------------------
 
     def stats(self) -> dict:
-        active = sum(1 for e in self.entries if not e.cancelled and not e.future.done())
-        return {**self.counts, "active": active}
+        active = sum(1 for j in self.scheduler.jobs if not j.payload.cancelled and not j.payload.future.done())
+        return {**self.counts, "active": active, "preemptions": self.scheduler.preemptions}
 
     def check_health(self) -> None:
+        if self.unhealthy:
+            raise RuntimeError(self.unhealthy)
         if self.loop_task is not None and self.loop_task.done() and not self.loop_task.cancelled():
             raise RuntimeError(f"denoising loop stopped: {self.loop_task.exception()!r}")
+        waiting = [j for j in self.scheduler.jobs if j.remaining_steps > 0]
+        idle = time.monotonic() - self.last_progress
+        if waiting and idle > self.config.stuck_after_s:
+            raise RuntimeError(f"no denoising step ended in {idle:.0f} s while {len(waiting)} requests wait")

@@ -12,6 +12,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.errors import APIError
+from deployments.scheduler import QueueFull, retry_after
 
 logger = logging.getLogger("ray.serve")
 # A stage replica that died (or is being replaced) under a request: the request is safe to run again.
@@ -20,17 +21,25 @@ REPLICA_LOST = (RayActorError, ActorUnavailableError)
 AT_CAPACITY = (BackPressureError, DeploymentUnavailableError)
 
 
-def replica_lost(error: BaseException) -> bool:
-    """Whether a stage failed because a replica died: directly, or as the failed input of the next
-    stage (Ray raises RayTaskError whose cause is the ActorDiedError; Serve's router may wrap that
-    in a RayServeException whose __cause__ it is)."""
+def _causes(error: BaseException | None):
+    """The error and what caused it: a stage's failure reaches the ingress wrapped (Ray raises
+    RayTaskError whose cause is the stage's own error, also when it failed as the next stage's
+    input; Serve's router may wrap that in a RayServeException whose __cause__ it is)."""
     seen = 0
     while error is not None and seen < 8:
-        if isinstance(error, REPLICA_LOST):
-            return True
+        yield error
         error = error.cause if isinstance(error, RayTaskError) else error.__cause__
         seen += 1
-    return False
+
+
+def replica_lost(error: BaseException) -> bool:
+    """Whether a stage failed because a replica died."""
+    return any(isinstance(e, REPLICA_LOST) for e in _causes(error))
+
+
+def queue_full(error: BaseException) -> QueueFull | None:
+    """The Denoiser's refusal of a request that would wait too long, if that is what this is."""
+    return next((e for e in _causes(error) if isinstance(e, QueueFull)), None)
 
 
 class Response(Protocol):
@@ -50,6 +59,8 @@ class GraphRunner:
 
     - more than `max_pending` requests in flight: 429 (Retry-After), nothing started;
     - a stage at capacity: 503 (Retry-After);
+    - the Denoiser estimates the request would wait over max_queue_wait_s: 429, Retry-After that
+      estimate (seconds, rounded up);
     - a stage replica lost: the graph runs again (the seed fixes the image), `retries` times at
       most, then 503;
     - past `timeout_s`: 504;
@@ -100,6 +111,10 @@ class GraphRunner:
             try:
                 return await responses[-1]
             except Exception as error:  # Ray and Serve wrap a lost replica in several ways
+                if full := queue_full(error):
+                    message = f"{full}; retry later"
+                    headers = {"Retry-After": str(retry_after(full.wait_s))}
+                    raise APIError(429, message, kind="rate_limit_error", headers=headers) from None
                 if not replica_lost(error):
                     raise
                 if attempt == self.retries:

@@ -34,18 +34,33 @@ from deployments.protocol import (
     ModelList,
     to_generation_params,
 )
-from deployments.vae_decoder import DecodeRequest
+from deployments.scheduler import tokens
+from deployments.vae_decoder import DecodedImages, DecodeRequest
 from fluxray.images import MEDIA_TYPES, image_metadata
 from fluxray.params import GenerationParams, describe_validation_error
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import PromptLength
 
 SEED_HEADER = "X-Seed"
+TIMING_HEADER = "Server-Timing"  # W3C Server Timing: queue, encode, denoise, decode, total (ms)
+TIMING_ORDER = ("queue", "encode", "denoise", "decode", "total")
 TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start of the prompt
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
 ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz"})
 logger = logging.getLogger("ray.serve")
+
+
+def timings_ms(seconds: dict[str, float]) -> dict[str, float]:
+    """A request's stage timings in milliseconds, in graph order."""
+    return {name: round(seconds[name] * 1000, 1) for name in TIMING_ORDER if name in seconds}
+
+
+def server_timing(seconds: dict[str, float]) -> str:
+    """The Server-Timing header value: `queue;dur=12.5, encode;dur=3.1, ...` (milliseconds).
+    queue: waiting in the denoiser before the first step; denoise: first step to last (paused
+    steps included); encode and decode: time in those stages (their batch waits included)."""
+    return ", ".join(f"{name};dur={ms}" for name, ms in timings_ms(seconds).items())
 
 
 app = FastAPI(
@@ -127,10 +142,23 @@ class Ingress:
                 None,
                 code="pixel_budget_exceeded",
             )
+        rows = 2 if params.do_true_cfg else 1
+        per_image = rows * tokens((params.height, params.width, self.spec.max_sequence_length))
+        if per_image > self.config.denoiser_max_batch_tokens:
+            raise APIError(
+                422,
+                f"size: one {params.width}x{params.height} image{' with true CFG (2 rows)' if rows == 2 else ''} "
+                f"is {per_image} transformer tokens, over this server's denoiser_max_batch_tokens of "
+                f"{self.config.denoiser_max_batch_tokens}; ask for a smaller image",
+                "size",
+                code="batch_token_budget_exceeded",
+            )
         return params
 
-    async def _generate(self, params: GenerationParams) -> list[bytes]:
-        """Run the graph for one resolved request (rules: deployments.graph_runner); the image files."""
+    async def _generate(self, params: GenerationParams) -> DecodedImages:
+        """Run the graph for one resolved request (rules: deployments.graph_runner); the image files
+        and the request's timings."""
+        started = time.monotonic()
         negative = params.negative_prompt if params.do_true_cfg else None
         metadata = [image_metadata(params, seed, self.model_name) for seed in params.image_seeds()]
         decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
@@ -141,15 +169,18 @@ class Ingress:
             latents = self.denoiser.denoise.remote(encoded, params)
             return encoded, latents, self.vae.decode.remote(latents, decode)
 
-        files = await self.runner.run(launch)
-        self.metrics.images.inc(len(files))
-        return files
+        result = await self.runner.run(launch)
+        self.metrics.images.inc(len(result.files))
+        result.timings["total"] = time.monotonic() - started
+        return result
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS, dependencies=API_KEY)
-    async def generations(self, request: ImageGenerationRequest) -> ImagesResponse:
+    async def generations(self, request: ImageGenerationRequest, response: Response) -> ImagesResponse:
         """Generate images (OpenAI Images API, plus fluxray's extension fields)."""
         params = self._params(request)
-        files = await self._generate(params)
+        result = await self._generate(params)
+        files = result.files
+        response.headers[TIMING_HEADER] = server_timing(result.timings)
         cut = self.prompt_length.truncated(params.prompt, params.prompt_2)
         if request.response_format == "url":
             loop = asyncio.get_running_loop()
@@ -162,7 +193,7 @@ class Ingress:
                 ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut)
                 for f, s in zip(files, params.image_seeds())
             ]
-        return ImagesResponse(created=int(time.time()), data=data)
+        return ImagesResponse(created=int(time.time()), data=data, timings=timings_ms(result.timings))
 
     @app.post(
         "/generate",
@@ -183,8 +214,9 @@ class Ingress:
         if request.response_format != "b64_json":
             raise APIError(400, "response_format: /generate always returns the raw image", "response_format")
         params = self._params(request)
-        files = await self._generate(params)
-        headers = {SEED_HEADER: str(params.seed)}
+        result = await self._generate(params)
+        files = result.files
+        headers = {SEED_HEADER: str(params.seed), TIMING_HEADER: server_timing(result.timings)}
         if cut := self.prompt_length.truncated(params.prompt, params.prompt_2):
             headers[TRUNCATED_HEADER] = ",".join(cut)
         return Response(files[0], media_type=MEDIA_TYPES[params.output_format], headers=headers)

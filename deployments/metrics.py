@@ -17,6 +17,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300]
 BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+SLOWDOWN_BOUNDARIES = [1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16, 32]
 
 
 class IngressMetrics:
@@ -81,3 +82,16 @@ class DenoiserMetrics(StageMetrics):
         self.queue_depth = Gauge("fluxray_denoiser_queue_depth", "Requests in the denoiser, waiting or stepping.")
         self.active_images = Gauge("fluxray_denoiser_batch_images", "Images advanced by the latest transformer call.")
         self.steps = Counter("fluxray_denoiser_steps_total", "Transformer calls (batched denoising steps).")
+        self.queue_wait = Histogram(
+            "fluxray_denoiser_queue_wait_s",
+            "Seconds from a request's arrival at the denoiser to its first step.",
+            boundaries=LATENCY_BOUNDARIES,
+        )
+        self.slowdown = Histogram(
+            "fluxray_denoiser_slowdown",
+            "A request's time in the denoiser over its estimated standalone time.",
+            boundaries=SLOWDOWN_BOUNDARIES,
+        )
+        self.preemptions = Counter(
+            "fluxray_denoiser_preemptions_total", "Times a request's steps were paused for another request's."
+        )

@@ -73,6 +73,11 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    timings: dict[str, float] | None = Field(
+        default=None,
+        description="fluxray extension: milliseconds this request spent in each stage (queue, encode, denoise, "
+        "decode) and in all (total); the same figures as the Server-Timing header.",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -269,3 +269,15 @@ def simulate(
             scheduler.remove(job)
             done.append(job)
     return done, scheduler
+
+
+class QueueFull(Exception):
+    """Raised by the Denoiser when a new request would wait longer than `max_queue_wait_s`; the
+    ingress answers 429 with Retry-After from `wait_s`. (Picklable: it crosses replicas.)"""
+
+    def __init__(self, wait_s: float):
+        super().__init__(wait_s)
+        self.wait_s = wait_s
+
+    def __str__(self) -> str:
+        return f"the denoiser's queue holds about {self.wait_s:.1f} s of work ahead of this request"

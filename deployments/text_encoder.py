@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ class EncodedPrompt:
 
     embeds: PromptEmbeds  # one row, on the CPU
     negative: PromptEmbeds | None = None
+    encode_s: float = 0.0  # seconds this request spent in the encoder (batch wait included)
 
 
 @serve.deployment(name="TextEncoder")
@@ -60,8 +63,10 @@ class TextEncoderDeployment:
 
     async def encode(self, prompt: str, prompt_2: str | None = None, negative_prompt: str | None = None):
         """EncodedPrompt of one request (negative_prompt only when the request uses true CFG)."""
+        started = time.monotonic()
         with self.metrics.timed():
-            return await self.encode_batch((prompt, prompt_2, negative_prompt))
+            encoded = await self.encode_batch((prompt, prompt_2, negative_prompt))
+        return dataclasses.replace(encoded, encode_s=time.monotonic() - started)
 
     def stats(self) -> dict:
         return {"cache_entries": len(self.cache), "cache_hits": self.hits, "cache_misses": self.misses}

@@ -1,8 +1,10 @@
-"""VAEDecoder deployment: latents to encoded image files, batched across requests of one size."""
+"""VAEDecoder deployment: latents to encoded image files, batched across requests of one size, each VAE
+call bounded in images x pixels (`vae_max_batch_pixels`)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.denoiser import DenoisedLatents
 from deployments.metrics import StageMetrics
 from fluxray.images import encode_image
 from fluxray.runtime import stage_runtime
@@ -26,6 +29,14 @@ class DecodeRequest:
     metadata: list[dict[str, Any]]  # one per image, embedded in its file
 
 
+@dataclass
+class DecodedImages:
+    """The graph's result: one encoded file per image, and the request's seconds in each stage."""
+
+    files: list[bytes]
+    timings: dict[str, float]
+
+
 @serve.deployment(name="VAEDecoder")
 class VAEDecoderDeployment:
     def __init__(self, config: dict):
@@ -35,8 +46,20 @@ class VAEDecoderDeployment:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.decode_batch.set_max_batch_size(self.config.vae_max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(self.config.vae_batch_wait_s)
-        self.largest_batch = 0
+        self.largest_batch = 0  # requests in one batch
+        self.largest_call = 0  # images in one VAE call
         self.metrics = StageMetrics("decode")
+
+    def _decode_rows(self, latents: torch.Tensor, height: int, width: int):
+        """Pixels of the rows, decoded in parts of at most vae_max_batch_pixels (one image at least)."""
+        per_call = max(1, self.config.vae_max_batch_pixels // (height * width))
+        parts = []
+        for start in range(0, latents.shape[0], per_call):
+            rows = latents[start : start + per_call]
+            self.largest_call = max(self.largest_call, rows.shape[0])
+            self.metrics.batch.observe(rows.shape[0])
+            parts.append(self.decoder.decode(rows, height, width).numpy())
+        return [image for part in parts for image in part]
 
     def _decode(self, items: list[tuple[torch.Tensor, DecodeRequest]]) -> list[list[bytes]]:
         results: dict[int, list[bytes]] = {}
@@ -44,8 +67,7 @@ class VAEDecoderDeployment:
             range(len(items)), lambda i: (items[i][1].height, items[i][1].width)
         ):
             self.largest_batch = max(self.largest_batch, len(group))
-            self.metrics.batch.observe(sum(items[i][0].shape[0] for i in group))
-            pixels = self.decoder.decode(torch.cat([items[i][0] for i in group]), height, width).numpy()
+            pixels = self._decode_rows(torch.cat([items[i][0] for i in group]), height, width)
             row = 0
             for i in group:
                 latents, request = items[i]
@@ -60,10 +82,13 @@ class VAEDecoderDeployment:
     async def decode_batch(self, items: list[tuple[torch.Tensor, DecodeRequest]]) -> list[list[bytes]]:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._decode, items)
 
-    async def decode(self, latents: torch.Tensor, request: DecodeRequest) -> list[bytes]:
-        """The request's images as files (PNG with metadata, JPEG or WebP), one per latent row."""
+    async def decode(self, denoised: DenoisedLatents, request: DecodeRequest) -> DecodedImages:
+        """The request's images as files (PNG with metadata, JPEG or WebP), one per latent row,
+        with the request's stage timings (the denoiser's plus this stage's)."""
+        started = time.monotonic()
         with self.metrics.timed():
-            return await self.decode_batch((latents, request))
+            files = await self.decode_batch((denoised.latents, request))
+        return DecodedImages(files, {**denoised.timings, "decode": time.monotonic() - started})
 
     def stats(self) -> dict:
-        return {"largest_batch": self.largest_batch}
+        return {"largest_batch": self.largest_batch, "largest_call": self.largest_call}
