@@ -200,3 +200,35 @@ def test_same_size_requests_finish_in_order_when_the_batch_is_full():
     for policy in ("fifo", "srpt"):
         done, _ = simulate([(0.0, job(28)) for _ in range(8)], lambda s, r: 1.0, policy=policy, max_batch_images=4)
         assert sorted(j.finished for j in done) == [28.0] * 4 + [56.0] * 4
+
+
+def test_scheduler_benchmark_replays_a_trace_through_both_policies(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "scheduler.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/scheduler.py", "--requests", "6", "--loads", "0.8", "--out", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    load = report["loads"]["0.8"]
+    for policy in ("fifo", "srpt"):
+        for kind in ("live", "simulated"):
+            figures = load[policy][kind]
+            assert figures["all"]["count"] == 6  # every request of the trace answered, none twice
+            assert figures["all"]["p99_s"] >= figures["all"]["p50_s"] > 0
+    assert set(load["srpt_over_fifo"]) == {
+        "mean_latency",
+        "p99_short",
+        "p99_long",
+        "slo_attainment_points",
+        "throughput",
+    }

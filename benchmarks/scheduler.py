@@ -1,0 +1,188 @@
+"""srpt against fifo on one seeded trace: Poisson arrivals, 30% 4-step and 70% 28-step requests of
+one image, at offered loads 0.5, 0.8 and 1.0 of measured capacity.
+
+    python benchmarks/scheduler.py                 # tiny model, 256x256, CPU, ~5 minutes
+    python benchmarks/scheduler.py --requests 200  # a longer trace
+
+Each (load, policy) replays the trace through the Denoiser deployment's own class in this process
+(its real step loop, scheduler and the tiny transformer; no Serve: the HTTP hops add the same cost to
+both policies), then through the pure scheduler on a virtual clock with the step costs measured
+first (`simulated`), so the two can be compared. Reported per policy: mean / p50 / p99 latency per
+class (short, long, all), mean and p99 slowdown, SLO attainment at 3x standalone latency, throughput;
+and srpt/fifo ratios at each load. JSON: benchmarks/results/scheduler-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
+
+from deployments.denoiser import DenoiserDeployment  # noqa: E402
+from deployments.scheduler import Job, simulate  # noqa: E402
+from deployments.text_encoder import EncodedPrompt  # noqa: E402
+from fluxray.params import GenerationParams  # noqa: E402
+from fluxray.sources import resolve_model  # noqa: E402
+from fluxray.text_encoding import TextEncoder  # noqa: E402
+
+SHORT, LONG, SHORT_SHARE, SLO = 4, 28, 0.3, 3.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def make_trace(seed: int, count: int, load: float, mean_service_s: float) -> list[tuple[float, int]]:
+    rng = random.Random(seed)
+    t, trace = 0.0, []
+    for _ in range(count):
+        t += rng.expovariate(load / mean_service_s)
+        trace.append((t, SHORT if rng.random() < SHORT_SHARE else LONG))
+    return trace
+
+
+def summarise(records: list[tuple[int, float, float]], step_s: float, span_s: float) -> dict:
+    """records: (steps, latency, standalone) per request."""
+    out = {}
+    for name, chosen in (("short", SHORT), ("long", LONG), ("all", None)):
+        lat = [lat for steps, lat, _ in records if chosen is None or steps == chosen]
+        if lat:
+            out[name] = {
+                "count": len(lat),
+                "mean_s": round(statistics.mean(lat), 4),
+                "p50_s": round(percentile(lat, 0.5), 4),
+                "p99_s": round(percentile(lat, 0.99), 4),
+            }
+    slowdowns = [lat / alone for _, lat, alone in records]
+    out["slowdown_mean"] = round(statistics.mean(slowdowns), 3)
+    out["slowdown_p99"] = round(percentile(slowdowns, 0.99), 3)
+    out["slo_attainment"] = round(sum(s <= SLO for s in slowdowns) / len(slowdowns), 3)
+    out["throughput_rps"] = round(len(records) / span_s, 3)
+    return out
+
+
+def replay(policy: str, trace, encoder_out, params_of, standalone_of) -> tuple[list, float, int]:
+    """The trace through a DenoiserDeployment in this process; (records, span, preemptions)."""
+    denoiser = DenoiserDeployment.func_or_class(
+        {
+            "model": "tiny",
+            "device": "cpu",
+            "torch_threads": 1,
+            "scheduler": policy,
+            "denoiser_max_batch_images": 1,
+            "max_queue_wait_s": 1e6,
+        }
+    )
+
+    async def run():
+        start = time.monotonic()
+
+        async def one(at: float, steps: int):
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            sent = time.monotonic()
+            await denoiser.denoise(encoder_out, params_of(steps))
+            done = time.monotonic()
+            return steps, done - sent, standalone_of(steps), done
+
+        results = await asyncio.gather(*[one(at, steps) for at, steps in trace])
+        return results, max(r[3] for r in results) - start
+
+    results, span = asyncio.run(run())
+    return [r[:3] for r in results], span, denoiser.stats()["preemptions"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=60, help="requests per (load, policy) replay")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--loads", default="0.5,0.8,1.0")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scheduler-cpu.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    source = resolve_model("tiny")
+    encoder = TextEncoder.load(source, "cpu", torch.float32)
+
+    def params_of(steps: int) -> GenerationParams:
+        return GenerationParams(
+            prompt="a red circle", width=args.size, height=args.size, num_inference_steps=steps, seed=1
+        ).resolve(source.spec)
+
+    encoded = EncodedPrompt(encoder.encode(["a red circle"]), None, 0.0)
+    # Standalone latency per class, measured alone (warm), and the step cost it implies.
+    probe = DenoiserDeployment.func_or_class({"model": "tiny", "device": "cpu", "torch_threads": 1})
+
+    async def alone(steps: int) -> float:
+        await probe.denoise(encoded, params_of(steps))
+        started = time.monotonic()
+        await probe.denoise(encoded, params_of(steps))
+        return time.monotonic() - started
+
+    standalone = {steps: asyncio.run(alone(steps)) for steps in (SHORT, LONG)}
+    step_s = standalone[LONG] / LONG
+    mean_service = SHORT_SHARE * standalone[SHORT] + (1 - SHORT_SHARE) * standalone[LONG]
+    print(f"standalone: short {standalone[SHORT]:.3f} s, long {standalone[LONG]:.3f} s; step {step_s * 1e3:.1f} ms")
+
+    report = {
+        "config": {
+            "model": "tiny",
+            "size": f"{args.size}x{args.size}",
+            "requests": args.requests,
+            "short_steps": SHORT,
+            "long_steps": LONG,
+            "short_share": SHORT_SHARE,
+            "slo": f"{SLO:g}x standalone",
+            "seed": args.seed,
+            "batch": "one image per step (denoiser_max_batch_images 1): the order is all that differs",
+        },
+        "standalone_s": {"short": round(standalone[SHORT], 4), "long": round(standalone[LONG], 4)},
+        "loads": {},
+    }
+    for load in [float(x) for x in args.loads.split(",")]:
+        trace = make_trace(args.seed, args.requests, load, mean_service)
+        entry = {}
+        for policy in ("fifo", "srpt"):
+            records, span, preemptions = replay(policy, trace, encoded, params_of, standalone.get)
+            live = summarise(records, step_s, span)
+            live["preemptions"] = preemptions
+            done, _ = simulate(
+                [(at, Job((args.size, args.size, 512), 1, 1, steps)) for at, steps in trace],
+                lambda shape, rows: step_s,
+                policy=policy,
+                max_batch_images=1,
+            )
+            sim_span = max(j.finished for j in done) - min(j.arrival for j in done)
+            simulated = summarise([(j.steps, j.finished - j.arrival, j.steps * step_s) for j in done], step_s, sim_span)
+            entry[policy] = {"live": live, "simulated": simulated}
+            print(
+                f"load {load} {policy}: live mean {live['all']['mean_s']} s, simulated {simulated['all']['mean_s']} s"
+            )
+        fifo, srpt = entry["fifo"]["live"], entry["srpt"]["live"]
+        entry["srpt_over_fifo"] = {
+            "mean_latency": round(srpt["all"]["mean_s"] / fifo["all"]["mean_s"], 3),
+            "p99_short": round(srpt["short"]["p99_s"] / fifo["short"]["p99_s"], 3),
+            "p99_long": round(srpt["long"]["p99_s"] / fifo["long"]["p99_s"], 3),
+            "slo_attainment_points": round(100 * (srpt["slo_attainment"] - fifo["slo_attainment"]), 1),
+            "throughput": round(srpt["throughput_rps"] / fifo["throughput_rps"], 3),
+        }
+        print(f"load {load} srpt/fifo: {entry['srpt_over_fifo']}")
+        report["loads"][str(load)] = entry
+    report = {"benchmark": "scheduler", **report}
+    write_report(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
