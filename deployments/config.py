@@ -42,7 +42,12 @@ class AppConfig(BaseModel):
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
     default_size: str = Field(default="1024x1024", description="Size used when a request sends none or 'auto'.")
-    prompt_cache_size: int = Field(default=1024, ge=0, description="Prompt embeddings kept per encoder replica.")
+    prompt_cache_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        description="Bytes of prompt embeddings (their tensors) kept per encoder replica, least recently used "
+        "evicted first; 0 turns the cache off. FLUX.1-dev's are ~4 MiB each (T5 512 x 4096 in bf16).",
+    )
     encoder_max_batch_size: int = Field(default=16, ge=1, description="Prompts encoded together.")
     encoder_batch_wait_s: float = Field(default=0.005, ge=0, description="Wait for more prompts to batch.")
     denoiser_max_batch_images: int = Field(default=8, ge=1, description="Images advanced by one transformer call.")

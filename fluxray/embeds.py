@@ -18,6 +18,11 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the two tensors' elements (what a cache of embeddings holds per entry)."""
+        return self.pooled.nbytes + self.sequence.nbytes
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         return PromptEmbeds(self.pooled.to(device, dtype), self.sequence.to(device, dtype))
 
