@@ -33,3 +33,15 @@ def diffusers_pipe():
     pipe = FluxPipeline.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_unchanged():
+    """Tests that build a deployment's class in-process apply its `torch_threads` to the whole
+    process; put the count back, so later tests run as they would alone (a float reduction split
+    over another number of threads rounds differently)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
