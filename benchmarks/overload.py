@@ -1,6 +1,6 @@
 """Overload: several times the service's capacity for a fixed time, and what it answers.
 
-    python benchmarks/overload.py                   # `serve run` local.yaml (its own bounds), 4x for 60 s
+    python benchmarks/overload.py                   # local.yaml (its own bounds) on a Ray of its own, 4x for 60 s
     python benchmarks/overload.py --url http://HOST:8000 --clients 256 --seconds 120
 
 `--clients` callers each send requests back to back (distinct seeds) for `--seconds`; capacity is
@@ -18,7 +18,6 @@ import base64
 import io
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -140,7 +139,9 @@ def _check(r: httpx.Response, width: int, height: int) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=None, help="a running service; default: `serve run` local.yaml here")
+    parser.add_argument(
+        "--url", default=None, help="a running service; default: local.yaml on a Ray instance of its own"
+    )
     parser.add_argument("--config", default=str(ROOT / "deployments" / "configs" / "local.yaml"))
     parser.add_argument("--app", default="fluxray", help="application name, to find its replica processes")
     parser.add_argument("--clients", type=int, default=128)
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overload-cpu.json"))
     args = parser.parse_args()
 
-    process, url = (None, args.url) if args.url else start_service(Path(args.config), max_pending_requests=None)
+    cluster, url = (None, args.url) if args.url else start_service(Path(args.config), max_pending_requests=None)
     try:
         drive(url, 4, 5, args.size, args.steps)  # warm-up
         before = replica_memory(args.app)
@@ -158,14 +159,12 @@ def main() -> None:
         after = replica_memory(args.app)
         healthy = httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
-        if process is not None:
-            os.killpg(process.pid, 15)
-            process.wait(timeout=60)
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        if cluster is not None:
+            cluster.stop()  # only the processes of its own Ray instance
     report = {
         "benchmark": "overload",
         "env": {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "config": {"url": args.url or "serve run " + Path(args.config).name},
+        "config": {"url": args.url or "serve deploy " + Path(args.config).name},
         "load": result,
         "replicas_before": before,
         "replicas_after": after,

@@ -1,32 +1,42 @@
 """srpt against fifo on one seeded trace: Poisson arrivals, 30% 4-step and 70% 28-step requests of
 one image, at offered loads 0.5, 0.8 and 1.0 of measured capacity.
 
-    python benchmarks/scheduler.py                 # tiny model, 256x256, CPU, ~5 minutes
+    python benchmarks/scheduler.py                 # tiny model, 256x256, CPU, ~10 minutes
     python benchmarks/scheduler.py --requests 200  # a longer trace
+    python benchmarks/scheduler.py --no-serve      # skip the HTTP replay (engine + simulation only)
 
-Each (load, policy) replays the trace through the Denoiser deployment's own class in this process
-(its real step loop, scheduler and the tiny transformer; no Serve: the HTTP hops add the same cost to
-both policies), then through the pure scheduler on a virtual clock with the step costs measured
-first (`simulated`), so the two can be compared. Reported per policy: mean / p50 / p99 latency per
-class (short, long, all), mean and p99 slowdown, SLO attainment at 3x standalone latency, throughput;
-and srpt/fifo ratios at each load. JSON: benchmarks/results/scheduler-cpu.json.
+For each (load, policy) the trace is replayed three ways:
+- `serve`: over HTTP through the live Serve app (local.yaml on a Ray instance of this script's own,
+  one application per policy, `denoiser_max_batch_images: 1` so that the order is all that differs),
+  with capacity and standalone latencies measured over HTTP first;
+- `engine`: through the Denoiser deployment's own class in this process (its real step loop,
+  scheduler and the tiny transformer, no HTTP hops);
+- `simulated`: through the pure scheduler on a virtual clock, each step costing the measured step
+  time, so live and simulated can be compared.
+Reported per policy: mean / p50 / p99 latency per class (short, long, all), mean and p99 slowdown,
+SLO attainment at 3x standalone latency, throughput; and srpt/fifo ratios at each load.
+JSON: benchmarks/results/scheduler-cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import random
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
+from serve_load import BenchCluster, fluxray_config  # noqa: E402
 
 from deployments.denoiser import DenoiserDeployment  # noqa: E402
 from deployments.scheduler import Job, simulate  # noqa: E402
@@ -52,7 +62,7 @@ def make_trace(seed: int, count: int, load: float, mean_service_s: float) -> lis
     return trace
 
 
-def summarise(records: list[tuple[int, float, float]], step_s: float, span_s: float) -> dict:
+def summarise(records: list[tuple[int, float, float]], span_s: float) -> dict:
     """records: (steps, latency, standalone) per request."""
     out = {}
     for name, chosen in (("short", SHORT), ("long", LONG), ("all", None)):
@@ -102,12 +112,73 @@ def replay(policy: str, trace, encoder_out, params_of, standalone_of) -> tuple[l
     return [r[:3] for r in results], span, denoiser.stats()["preemptions"]
 
 
+PROMPT = "a red circle"
+LOCAL = ROOT / "deployments" / "configs" / "local.yaml"
+
+
+def serve_apps(size: int) -> dict:
+    """local.yaml as two applications, /fifo and /srpt, identical but for the policy."""
+    raw = fluxray_config(LOCAL, max_pending_requests=512)
+    base = raw["applications"][0]
+    base["args"].update(
+        default_size=f"{size}x{size}", denoiser_max_batch_images=1, max_queue_wait_s=3600, request_timeout_s=600
+    )
+    apps = []
+    for policy in ("fifo", "srpt"):
+        app = copy.deepcopy(base)
+        app.update(name=policy, route_prefix=f"/{policy}")
+        app["args"]["scheduler"] = policy
+        apps.append(app)
+    raw["applications"] = apps
+    return raw
+
+
+def post(url: str, steps: int, seed: int, size: int) -> float:
+    body = {"prompt": PROMPT, "size": f"{size}x{size}", "num_inference_steps": steps, "seed": seed}
+    started = time.monotonic()
+    response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+    return time.monotonic() - started
+
+
+def standalone_http(url: str, size: int) -> dict[int, float]:
+    """Each class's latency alone over HTTP: the median of three warm requests."""
+    post(url, SHORT, 0, size)  # warm-up
+    return {steps: statistics.median(post(url, steps, i, size) for i in range(3)) for steps in (SHORT, LONG)}
+
+
+def replay_http(url: str, trace, size: int, standalone: dict[int, float]) -> tuple[list, float]:
+    start = time.monotonic() + 0.5
+
+    def one(item):
+        i, (at, steps) = item
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        latency = post(url, steps, 1000 + i, size)
+        return steps, latency, standalone[steps], time.monotonic()
+
+    with ThreadPoolExecutor(len(trace)) as pool:
+        results = list(pool.map(one, enumerate(trace)))
+    return [r[:3] for r in results], max(r[3] for r in results) - start
+
+
+def ratios(fifo: dict, srpt: dict) -> dict:
+    return {
+        "mean_latency": round(srpt["all"]["mean_s"] / fifo["all"]["mean_s"], 3),
+        "p99_short": round(srpt["short"]["p99_s"] / fifo["short"]["p99_s"], 3),
+        "p99_long": round(srpt["long"]["p99_s"] / fifo["long"]["p99_s"], 3),
+        "slo_attainment_points": round(100 * (srpt["slo_attainment"] - fifo["slo_attainment"]), 1),
+        "throughput": round(srpt["throughput_rps"] / fifo["throughput_rps"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60, help="requests per (load, policy) replay")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--loads", default="0.5,0.8,1.0")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-serve", dest="serve", action="store_false", help="skip the HTTP replay")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scheduler-cpu.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -146,17 +217,19 @@ def main(argv: list[str] | None = None) -> int:
             "slo": f"{SLO:g}x standalone",
             "seed": args.seed,
             "batch": "one image per step (denoiser_max_batch_images 1): the order is all that differs",
+            "srpt_over_fifo": "from the serve replay; srpt_over_fifo_engine and _simulated from the others",
         },
         "standalone_s": {"short": round(standalone[SHORT], 4), "long": round(standalone[LONG], 4)},
         "loads": {},
     }
-    for load in [float(x) for x in args.loads.split(",")]:
+    loads = [float(x) for x in args.loads.split(",")]
+    for load in loads:
         trace = make_trace(args.seed, args.requests, load, mean_service)
         entry = {}
         for policy in ("fifo", "srpt"):
             records, span, preemptions = replay(policy, trace, encoded, params_of, standalone.get)
-            live = summarise(records, step_s, span)
-            live["preemptions"] = preemptions
+            engine = summarise(records, span)
+            engine["preemptions"] = preemptions
             done, _ = simulate(
                 [(at, Job((args.size, args.size, 512), 1, 1, steps)) for at, steps in trace],
                 lambda shape, rows: step_s,
@@ -164,21 +237,37 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch_images=1,
             )
             sim_span = max(j.finished for j in done) - min(j.arrival for j in done)
-            simulated = summarise([(j.steps, j.finished - j.arrival, j.steps * step_s) for j in done], step_s, sim_span)
-            entry[policy] = {"live": live, "simulated": simulated}
+            simulated = summarise([(j.steps, j.finished - j.arrival, j.steps * step_s) for j in done], sim_span)
+            entry[policy] = {"engine": engine, "simulated": simulated}
             print(
-                f"load {load} {policy}: live mean {live['all']['mean_s']} s, simulated {simulated['all']['mean_s']} s"
+                f"load {load} {policy}: engine mean {engine['all']['mean_s']} s, "
+                f"simulated {simulated['all']['mean_s']} s"
             )
-        fifo, srpt = entry["fifo"]["live"], entry["srpt"]["live"]
-        entry["srpt_over_fifo"] = {
-            "mean_latency": round(srpt["all"]["mean_s"] / fifo["all"]["mean_s"], 3),
-            "p99_short": round(srpt["short"]["p99_s"] / fifo["short"]["p99_s"], 3),
-            "p99_long": round(srpt["long"]["p99_s"] / fifo["long"]["p99_s"], 3),
-            "slo_attainment_points": round(100 * (srpt["slo_attainment"] - fifo["slo_attainment"]), 1),
-            "throughput": round(srpt["throughput_rps"] / fifo["throughput_rps"], 3),
-        }
-        print(f"load {load} srpt/fifo: {entry['srpt_over_fifo']}")
+        entry["srpt_over_fifo_engine"] = ratios(entry["fifo"]["engine"], entry["srpt"]["engine"])
+        entry["srpt_over_fifo_simulated"] = ratios(entry["fifo"]["simulated"], entry["srpt"]["simulated"])
+        print(f"load {load} srpt/fifo (engine): {entry['srpt_over_fifo_engine']}")
         report["loads"][str(load)] = entry
+    if args.serve:
+        cluster = BenchCluster().start()
+        try:
+            base = cluster.deploy(serve_apps(args.size))
+            urls = {policy: f"{base}/{policy}" for policy in ("fifo", "srpt")}
+            alone = standalone_http(urls["fifo"], args.size)
+            standalone_http(urls["srpt"], args.size)  # warms the other app
+            report["standalone_http_s"] = {"short": round(alone[SHORT], 4), "long": round(alone[LONG], 4)}
+            http_service = SHORT_SHARE * alone[SHORT] + (1 - SHORT_SHARE) * alone[LONG]
+            print(f"over HTTP alone: short {alone[SHORT]:.3f} s, long {alone[LONG]:.3f} s")
+            for load in loads:
+                trace = make_trace(args.seed, args.requests, load, http_service)
+                entry = report["loads"][str(load)]
+                for policy in ("fifo", "srpt"):
+                    records, span = replay_http(urls[policy], trace, args.size, alone)
+                    entry[policy]["serve"] = summarise(records, span)
+                    print(f"load {load} {policy}: serve mean {entry[policy]['serve']['all']['mean_s']} s")
+                entry["srpt_over_fifo"] = ratios(entry["fifo"]["serve"], entry["srpt"]["serve"])
+                print(f"load {load} srpt/fifo (serve): {entry['srpt_over_fifo']}")
+        finally:
+            cluster.stop()
     report = {"benchmark": "scheduler", **report}
     write_report(report, args.out)
     return 0

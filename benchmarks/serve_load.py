@@ -1,19 +1,30 @@
-"""HTTP load on the Serve graph beside the in-process engine, in the same run.
+"""HTTP load on the Serve graph beside a naive one-deployment service and the in-process engine, in one run.
 
-    python benchmarks/serve_load.py                     # starts `serve run` on local.yaml itself
-    python benchmarks/serve_load.py --url http://HOST:8000 --model-size 1024x1024   # a running service
+    python benchmarks/serve_load.py                     # its own local Ray: local.yaml, then the naive app
+    python benchmarks/serve_load.py --url http://HOST:8000 --size 1024x1024   # a running service only
 
 For each concurrency level, a fixed number of requests (one image each, distinct seeds) go through
-`POST /v1/images/generations`; we report p50/p99 latency and images/s. The in-process engine then
-makes the same images one call at a time (the floor a single request can reach) and as one batch,
-so the Serve graph's per-request cost is a measured difference, not a guess.
+`POST /v1/images/generations`; we report p50/p99 latency and images/s. The same load then goes, on
+the same fresh Ray instance, to the baseline a user would write instead (benchmarks/naive_app.py:
+diffusers' FluxPipeline in one deployment with `@serve.batch(max_batch_size=8)`), and the report
+gives fluxray / naive ratios per level. While fluxray serves, its Prometheus metrics are scraped
+before and after each level, so each level's mean time per request in each stage (queueing in the
+replica included) and in the ingress is a measured split of the latency. The in-process engine
+and FluxPipeline then make the same images one call at a time and as one batch, so the cost of
+serving is a measured difference, not a guess.
+
+The Ray instance is this script's own (`ray start --head` on free ports, token auth) and is stopped
+by killing only the processes it started: a cluster someone else runs on the machine is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import re
+import secrets
 import socket
 import statistics
 import subprocess
@@ -24,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,34 +58,193 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(config: Path, max_pending_requests: int | None = 256) -> tuple[subprocess.Popen, str]:
-    """`serve run` the config on a free port; max_pending_requests overrides its bound (None keeps it)."""
+MARKER = "FLUXRAY_BENCH_CLUSTER"  # in the environment of every process the benchmark's Ray starts
+BIN = Path(sys.executable).parent
+
+
+class BenchCluster:
+    """A Ray head of the benchmark's own on free ports; Serve configs are deployed on it in turn."""
+
+    def __init__(self):
+        self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.marker = secrets.token_hex(8)
+        self.env = {
+            **os.environ,
+            MARKER: self.marker,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_metrics_report_interval_ms": "2000",  # each level's metrics show up within seconds
+            "PYTHONPATH": str(ROOT),  # benchmarks.naive_app imports from the repository root
+        }
+        self.env.pop("RAY_ADDRESS", None)
+
+    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / args[0]), *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        )
+
+    def start(self) -> BenchCluster:
+        started = self.run(
+            "ray",
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        )
+        if started.returncode != 0:
+            self.stop()
+            raise SystemExit(f"ray start failed: {started.stderr[-2000:]}")
+        return self
+
+    def deploy(self, config: dict, timeout: float = 300) -> str:
+        """`serve deploy` the config (replacing what runs) and wait for its /healthz; its URL."""
+        path = Path(tempfile.mkdtemp()) / "serve.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        deployed = self.run("serve", "deploy", str(path), "--address", self.dashboard)
+        if deployed.returncode != 0:
+            raise SystemExit(f"serve deploy failed: {deployed.stderr[-2000:]}")
+        url = f"http://127.0.0.1:{config['http_options']['port']}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    return url
+            time.sleep(1)
+        raise SystemExit(f"{config['applications'][0]['name']} did not come up within {timeout:.0f} s")
+
+    def own_processes(self) -> list[psutil.Process]:
+        own = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get(MARKER) == self.marker:
+                    own.append(process)
+        return own
+
+    def stop(self) -> None:
+        """Stop this cluster's processes only (`ray stop` would stop every Ray instance of the user)."""
+        for _ in range(5):
+            processes = self.own_processes()
+            if not processes:
+                break
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    process.terminate()
+            _, alive = psutil.wait_procs(processes, timeout=10)
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            psutil.wait_procs(alive, timeout=10)
+        # `ray start` recorded this head as the machine's current cluster; a later bare ray.init()
+        # would try to join it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
+
+
+def fluxray_config(config: Path, max_pending_requests: int | None = 256) -> dict:
+    """The serve config on a free port; max_pending_requests overrides its bound (None keeps it)."""
     raw = yaml.safe_load(config.read_text())
-    port = free_port()
-    raw["http_options"]["port"] = port
+    raw["http_options"]["port"] = free_port()
     # By default, bounds high enough that the benchmark measures latency, not rejections.
     if max_pending_requests is not None:
         raw["applications"][0]["args"]["max_pending_requests"] = max_pending_requests
-    tmp = Path(tempfile.mkdtemp()) / "serve.yaml"
-    tmp.write_text(yaml.safe_dump(raw))
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "serve"), "run", str(tmp)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit("the service did not come up within 300 s")
+    return raw
+
+
+def naive_config(model: str, threads: int | None, port: int) -> dict:
+    """benchmarks/naive_app.py as a serve config: one replica, one CPU, as a user would deploy it.
+    The port is the running Serve instance's: Serve keeps its first http_options."""
+    return {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": "naive",
+                "route_prefix": "/",
+                "import_path": "benchmarks.naive_app:build_app",
+                "args": {"model": model, "threads": threads},
+                "deployments": [{"name": "NaiveFlux", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}],
+            }
+        ],
+    }
+
+
+def start_service(config: Path, max_pending_requests: int | None = 256) -> tuple[BenchCluster, str]:
+    """A fresh Ray of our own serving the config; stop it with the returned cluster's stop()."""
+    cluster = BenchCluster().start()
+    try:
+        return cluster, cluster.deploy(fluxray_config(config, max_pending_requests))
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums of the Prometheus samples (over replicas and other labels) that the split of latency needs."""
+    wanted = {
+        "ray_fluxray_request_latency_s_sum": {"route": "/v1/images/generations", "code": "200"},
+        "ray_fluxray_request_latency_s_count": {"route": "/v1/images/generations", "code": "200"},
+        "ray_fluxray_stage_latency_s_sum": None,
+        "ray_fluxray_stage_latency_s_count": None,
+        "ray_serve_deployment_processing_latency_ms_sum": None,
+        "ray_serve_deployment_processing_latency_ms_count": None,
+    }
+    totals: dict[str, float] = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        name, _, rest = line.partition("{")
+        if name not in wanted or "}" not in rest:
+            continue
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', rest[: rest.rindex("}")]))
+        if any(tags.get(k) != v for k, v in (wanted[name] or {}).items()):
+            continue
+        key = name + (
+            f"[{tags['stage']}]" if "stage" in tags else f"[{tags['deployment']}]" if "deployment" in tags else ""
+        )
+        totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def split(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean seconds per request of one level: in the ingress, in each stage, and what the hops leave."""
+    diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+    def mean(prefix: str, label: str, scale: float = 1.0) -> float | None:
+        count = diff.get(f"{prefix}_count{label}", 0.0)
+        return round(diff[f"{prefix}_sum{label}"] / count * scale, 4) if count else None
+
+    # Serve tags every fluxray metric with its deployment too: the request latency is the Ingress'.
+    out: dict = {"ingress_s": mean("ray_fluxray_request_latency_s", "[Ingress]")}
+    for stage in ("encode", "denoise", "decode"):
+        out[f"{stage}_s"] = mean("ray_fluxray_stage_latency_s", f"[{stage}]")
+    for deployment in ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder"):
+        out[f"serve_processing_{deployment}_s"] = mean(
+            "ray_serve_deployment_processing_latency_ms", f"[{deployment}]", 1e-3
+        )
+    stages = [out[f"{s}_s"] for s in ("encode", "denoise", "decode")]
+    if out["ingress_s"] is not None and None not in stages:
+        # Ingress time not spent inside a stage: handle routing, object-store hops, the ingress' own
+        # work (validation, image encoding to b64 and JSON).
+        out["ingress_minus_stages_s"] = round(out["ingress_s"] - sum(stages), 4)
+    return out
+
+
+def wait_for_counts(url: str, before: dict[str, float], requests: int, timeout: float = 60) -> dict[str, float]:
+    """Scrape until the ingress and every stage have reported this level's requests."""
+    keys = ["ray_fluxray_request_latency_s_count[Ingress]"] + [
+        f"ray_fluxray_stage_latency_s_count[{s}]" for s in ("encode", "denoise", "decode")
+    ]
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(url)
+        if all(after.get(k, 0) - before.get(k, 0) >= requests for k in keys) or time.monotonic() > deadline:
+            return after
+        time.sleep(2)
 
 
 def load(url: str, concurrency: int, requests: int, width: int, height: int, steps: int, seed0: int) -> dict:
@@ -83,6 +254,7 @@ def load(url: str, concurrency: int, requests: int, width: int, height: int, ste
             "size": f"{width}x{height}",
             "seed": seed0 + i,
             "num_inference_steps": steps,
+            "n": 1,
         }
         start = time.perf_counter()
         response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
@@ -107,8 +279,11 @@ def load(url: str, concurrency: int, requests: int, width: int, height: int, ste
 
 
 def in_process(width: int, height: int, steps: int, images: int, threads: int | None) -> dict:
+    """fluxray's engine and diffusers' FluxPipeline (the naive app's code) in this process: one
+    image per call (the floor a request at concurrency 1 can reach) and all images in one call."""
     import torch
 
+    from benchmarks.naive_app import ImageRequest, generate
     from fluxray.params import GenerationParams
     from fluxray.pipeline import Pipeline
 
@@ -116,76 +291,148 @@ def in_process(width: int, height: int, steps: int, images: int, threads: int | 
     if threads:
         torch.set_num_threads(threads)
     pipeline = Pipeline.load("tiny", device="cpu")
+    pipe = pipeline.to_diffusers()
     params = [
         GenerationParams(
             prompt=PROMPTS[i % len(PROMPTS)], width=width, height=height, seed=i, num_inference_steps=steps
         )
         for i in range(images)
     ]
-    pipeline.generate(params[0])  # warm-up
-    latencies = []
-    started = time.perf_counter()
-    for p in params:
-        t = time.perf_counter()
-        pipeline.generate(p)
-        latencies.append(time.perf_counter() - t)
-    sequential_wall = time.perf_counter() - started
-    started = time.perf_counter()
-    pipeline.generate(params)
-    batched_wall = time.perf_counter() - started
-    return {
-        "images": images,
-        "p50_s": round(percentile(latencies, 0.5), 4),
-        "mean_s": round(statistics.mean(latencies), 4),
-        "images_per_s_one_at_a_time": round(images / sequential_wall, 3),
-        "images_per_s_one_batch": round(images / batched_wall, 3),
-        "torch_threads": torch.get_num_threads(),
-    }
+    bodies = [
+        ImageRequest(prompt=p.prompt, size=f"{width}x{height}", seed=p.seed, num_inference_steps=steps) for p in params
+    ]
+    out = {"images": images, "torch_threads": torch.get_num_threads()}
+    for name, one, many in (
+        ("fluxray_engine", lambda i: pipeline.generate(params[i]), lambda: pipeline.generate(params)),
+        # With PNG encoding, as the naive app answers.
+        ("diffusers_flux_pipeline", lambda i: generate(pipe, [bodies[i]]), lambda: generate(pipe, bodies[:8])),
+    ):
+        one(0)  # warm-up
+        latencies = []
+        started = time.perf_counter()
+        for i in range(images):
+            t = time.perf_counter()
+            one(i)
+            latencies.append(time.perf_counter() - t)
+        sequential_wall = time.perf_counter() - started
+        started = time.perf_counter()
+        many()
+        batch = images if name == "fluxray_engine" else min(images, 8)
+        out[name] = {
+            "p50_s": round(percentile(latencies, 0.5), 4),
+            "mean_s": round(statistics.mean(latencies), 4),
+            "images_per_s_one_at_a_time": round(images / sequential_wall, 3),
+            f"images_per_s_one_batch_of_{batch}": round(batch / (time.perf_counter() - started), 3),
+        }
+    return out
+
+
+def run_levels(url: str, levels: list[int], requests: int, width: int, height: int, steps: int, metrics=None):
+    load(url, 2, 4, width, height, steps, 10_000)  # warm-up: first requests load lazily
+    if metrics:
+        wait_for_counts(metrics, {}, 4)  # the warm-up's metrics in before the first level's baseline
+    results = []
+    for c in levels:
+        before = scrape(metrics) if metrics else None
+        level = load(url, c, max(requests, c), width, height, steps, 1000 * c)
+        print(f"{url} c={c}: {level}", file=sys.stderr, flush=True)
+        if metrics:
+            level["split_mean_s"] = split(before, wait_for_counts(metrics, before, level["requests"]))
+        results.append(level)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default=None, help="a running service; default: start local.yaml here")
+    parser.add_argument("--url", default=None, help="a running fluxray service (no naive run, no metrics)")
     parser.add_argument("--config", default=str(ROOT / "deployments" / "configs" / "local.yaml"))
     parser.add_argument("--size", default="256x256")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument(
+        "--naive-threads",
+        type=int,
+        default=0,
+        help="torch threads of the naive replica; 0 (default): torch's own default, as a user would leave it",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load-cpu.json"))
     args = parser.parse_args()
     width, height = parse_size(args.size)
+    concurrency = [int(v) for v in args.concurrency.split(",")]
+    raw = yaml.safe_load(Path(args.config).read_text())
+    model = raw["applications"][0]["args"].get("model", "tiny")
+    threads = raw["applications"][0]["args"].get("torch_threads")
 
-    process, url = (None, args.url) if args.url else start_service(Path(args.config))
-    try:
-        load(url, 2, 4, width, height, args.steps, 10_000)  # warm-up: first requests load lazily
-        levels = [
-            load(url, c, max(args.requests, c), width, height, args.steps, 1000 * c)
-            for c in (int(v) for v in args.concurrency.split(","))
-        ]
-    finally:
-        if process is not None:
-            os.killpg(process.pid, 15)
-            process.wait(timeout=60)
-            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    naive = naive_threads = None
+    if args.url:
+        fluxray = run_levels(args.url, concurrency, args.requests, width, height, args.steps)
+    else:
+        cluster = BenchCluster().start()
+        try:
+            config = fluxray_config(Path(args.config))
+            url = cluster.deploy(config)
+            print(f"fluxray up at {url}", file=sys.stderr, flush=True)
+            fluxray = run_levels(url, concurrency, args.requests, width, height, args.steps, cluster.metrics_url)
+            # The same Ray instance, fluxray's application replaced by the naive one.
+            url = cluster.deploy(naive_config(model, args.naive_threads or None, config["http_options"]["port"]))
+            # Until the naive app has replaced fluxray on the port, /healthz may still be fluxray's.
+            deadline = time.monotonic() + 300
+            while "torch_threads" not in httpx.get(f"{url}/healthz", timeout=10).text:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the naive app did not replace fluxray within 300 s")
+                time.sleep(1)
+            print("naive up", file=sys.stderr, flush=True)
+            naive_threads = httpx.get(f"{url}/healthz", timeout=10).json()["torch_threads"]
+            naive = run_levels(url, concurrency, args.requests, width, height, args.steps)
+        finally:
+            cluster.stop()
     # The engine gets the threads each replica gets (the config's torch_threads), so the difference
     # is the graph's cost, not a different CPU budget.
-    threads = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"].get("torch_threads")
     engine = in_process(width, height, args.steps, images=16, threads=threads)
-    single = levels[0]
+    single = fluxray[0]
     report = {
         "benchmark": "serve_load",
         "env": {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "config": {"url": args.url or "serve run " + Path(args.config).name, "size": args.size, "steps": args.steps},
-        "http": levels,
+        "config": {
+            "fluxray": args.url or "serve deploy " + Path(args.config).name,
+            "naive": None if args.url else f"benchmarks/naive_app.py, 1 replica, torch threads {naive_threads}",
+            "size": args.size,
+            "steps": args.steps,
+            "requests_per_level": args.requests,
+        },
+        "http": fluxray,
+        "naive_http": naive,
         "in_process": engine,
         "serve_overhead": {
-            "p50_latency_s_at_concurrency_1_minus_in_process": round(single["p50_s"] - engine["p50_s"], 4),
-            "latency_ratio_at_concurrency_1": round(single["p50_s"] / engine["p50_s"], 3),
-            "best_http_images_per_s_vs_in_process_batch": round(
-                max(level["images_per_s"] for level in levels) / engine["images_per_s_one_batch"], 3
+            "p50_latency_s_at_concurrency_1_minus_in_process": round(
+                single["p50_s"] - engine["fluxray_engine"]["p50_s"], 4
             ),
+            "latency_ratio_at_concurrency_1": round(single["p50_s"] / engine["fluxray_engine"]["p50_s"], 3),
         },
     }
+    if naive:
+        report["fluxray_vs_naive"] = [
+            {
+                "concurrency": f["concurrency"],
+                "images_per_s_ratio": round(f["images_per_s"] / n["images_per_s"], 3),
+                "p50_ratio": round(f["p50_s"] / n["p50_s"], 3),
+            }
+            for f, n in zip(fluxray, naive, strict=True)
+        ]
+        report["naive_overhead"] = {
+            "p50_latency_s_at_concurrency_1_minus_in_process": round(
+                naive[0]["p50_s"] - engine["diffusers_flux_pipeline"]["p50_s"], 4
+            ),
+        }
+        by_level = {r["concurrency"]: r for r in report["fluxray_vs_naive"]}
+        goals = {}
+        if 1 in by_level:
+            goals["images_per_s_ratio_at_1 >= 1.0"] = by_level[1]["images_per_s_ratio"] >= 1.0
+        if 16 in by_level:
+            goals["images_per_s_ratio_at_16 >= 1.3"] = by_level[16]["images_per_s_ratio"] >= 1.3
+            goals["p50_ratio_at_16 <= 0.8"] = by_level[16]["p50_ratio"] <= 0.8
+        report["goals_met"] = goals
     write_report(report, args.out)
 
 

@@ -43,6 +43,9 @@ def test_requests_stages_batches_and_queue_are_exported(cluster):
     assert sum(samples(text, "ray_fluxray_request_latency_s_count", application="fluxray", route=GEN)) >= 4
     assert samples(text, "ray_fluxray_denoiser_queue_depth", application="fluxray")
     assert sum(samples(text, "ray_fluxray_denoiser_steps_total", application="fluxray")) >= 6
+    # The scheduler's: each request's wait for its first step and its slowdown.
+    assert sum(samples(text, "ray_fluxray_denoiser_queue_wait_s_count", application="fluxray")) >= 3
+    assert sum(samples(text, "ray_fluxray_denoiser_slowdown_count", application="fluxray")) >= 3
     # Serve's own metrics come alongside.
     assert "ray_serve_deployment_request_counter" in text
 
