@@ -7,7 +7,7 @@ one image, at offered loads 0.5, 0.8 and 1.0 of measured capacity.
 
 For each (load, policy) the trace is replayed three ways:
 - `serve`: over HTTP through the live Serve app (local.yaml on a Ray instance of this script's own,
-  one application per policy, `denoiser_max_batch_images: 1` so that the order is all that differs),
+  deployed once per policy, `denoiser_max_batch_images: 1` so that the order is all that differs),
   with capacity and standalone latencies measured over HTTP first;
 - `engine`: through the Denoiser deployment's own class in this process (its real step loop,
   scheduler and the tiny transformer, no HTTP hops);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import random
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
-from serve_load import BenchCluster, fluxray_config  # noqa: E402
+from serve_load import BenchCluster, fluxray_config, free_port  # noqa: E402
 
 from deployments.denoiser import DenoiserDeployment  # noqa: E402
 from deployments.scheduler import Job, simulate  # noqa: E402
@@ -116,20 +115,21 @@ PROMPT = "a red circle"
 LOCAL = ROOT / "deployments" / "configs" / "local.yaml"
 
 
-def serve_apps(size: int) -> dict:
-    """local.yaml as two applications, /fifo and /srpt, identical but for the policy."""
+def serve_app(size: int, policy: str, port: int) -> dict:
+    """local.yaml with the policy, one image per step and no admission limit in the way. (One port
+    for both policies: Serve keeps the HTTP options of its first deploy.)"""
     raw = fluxray_config(LOCAL, max_pending_requests=512)
-    base = raw["applications"][0]
-    base["args"].update(
-        default_size=f"{size}x{size}", denoiser_max_batch_images=1, max_queue_wait_s=3600, request_timeout_s=600
+    raw["http_options"]["port"] = port
+    raw["applications"][0]["args"].update(
+        default_size=f"{size}x{size}",
+        denoiser_max_batch_images=1,
+        max_queue_wait_s=3600,
+        request_timeout_s=600,
+        scheduler=policy,
     )
-    apps = []
-    for policy in ("fifo", "srpt"):
-        app = copy.deepcopy(base)
-        app.update(name=policy, route_prefix=f"/{policy}")
-        app["args"]["scheduler"] = policy
-        apps.append(app)
-    raw["applications"] = apps
+    # Its own name and route: deploying the other policy's app removes this one, and the new
+    # app's /healthz cannot be answered by the old one while it is being replaced.
+    raw["applications"][0].update(name=policy, route_prefix=f"/{policy}")
     return raw
 
 
@@ -143,9 +143,9 @@ def post(url: str, steps: int, seed: int, size: int) -> float:
 
 
 def standalone_http(url: str, size: int) -> dict[int, float]:
-    """Each class's latency alone over HTTP: the median of three warm requests."""
+    """Each class's latency alone over HTTP: the median of five warm requests."""
     post(url, SHORT, 0, size)  # warm-up
-    return {steps: statistics.median(post(url, steps, i, size) for i in range(3)) for steps in (SHORT, LONG)}
+    return {steps: statistics.median(post(url, steps, i, size) for i in range(5)) for steps in (SHORT, LONG)}
 
 
 def replay_http(url: str, trace, size: int, standalone: dict[int, float]) -> tuple[list, float]:
@@ -196,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = DenoiserDeployment.func_or_class({"model": "tiny", "device": "cpu", "torch_threads": 1})
 
     async def alone(steps: int) -> float:
+        """The median of five warm runs: one run is too noisy to set the offered load by."""
         await probe.denoise(encoded, params_of(steps))
-        started = time.monotonic()
-        await probe.denoise(encoded, params_of(steps))
-        return time.monotonic() - started
+        times = []
+        for _ in range(5):
+            started = time.monotonic()
+            await probe.denoise(encoded, params_of(steps))
+            times.append(time.monotonic() - started)
+        return statistics.median(times)
 
     standalone = {steps: asyncio.run(alone(steps)) for steps in (SHORT, LONG)}
     step_s = standalone[LONG] / LONG
@@ -250,20 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         cluster = BenchCluster().start()
         try:
-            base = cluster.deploy(serve_apps(args.size))
-            urls = {policy: f"{base}/{policy}" for policy in ("fifo", "srpt")}
-            alone = standalone_http(urls["fifo"], args.size)
-            standalone_http(urls["srpt"], args.size)  # warms the other app
-            report["standalone_http_s"] = {"short": round(alone[SHORT], 4), "long": round(alone[LONG], 4)}
-            http_service = SHORT_SHARE * alone[SHORT] + (1 - SHORT_SHARE) * alone[LONG]
-            print(f"over HTTP alone: short {alone[SHORT]:.3f} s, long {alone[LONG]:.3f} s")
+            alone, port = None, free_port()
+            for policy in ("fifo", "srpt"):  # the same app redeployed with the other policy
+                url = cluster.deploy(serve_app(args.size, policy, port), timeout=900)
+                measured = standalone_http(url, args.size)
+                alone = alone or measured  # one set of traces for both policies
+                report[f"standalone_http_s_{policy}"] = {
+                    "short": round(measured[SHORT], 4),
+                    "long": round(measured[LONG], 4),
+                }
+                print(f"{policy} over HTTP alone: short {measured[SHORT]:.3f} s, long {measured[LONG]:.3f} s")
+                http_service = SHORT_SHARE * alone[SHORT] + (1 - SHORT_SHARE) * alone[LONG]
+                for load in loads:
+                    trace = make_trace(args.seed, args.requests, load, http_service)
+                    records, span = replay_http(url, trace, args.size, alone)
+                    served = report["loads"][str(load)][policy]["serve"] = summarise(records, span)
+                    print(f"load {load} {policy}: serve mean {served['all']['mean_s']} s")
             for load in loads:
-                trace = make_trace(args.seed, args.requests, load, http_service)
                 entry = report["loads"][str(load)]
-                for policy in ("fifo", "srpt"):
-                    records, span = replay_http(urls[policy], trace, args.size, alone)
-                    entry[policy]["serve"] = summarise(records, span)
-                    print(f"load {load} {policy}: serve mean {entry[policy]['serve']['all']['mean_s']} s")
                 entry["srpt_over_fifo"] = ratios(entry["fifo"]["serve"], entry["srpt"]["serve"])
                 print(f"load {load} srpt/fifo (serve): {entry['srpt_over_fifo']}")
         finally:

@@ -103,13 +103,15 @@ class BenchCluster:
         return self
 
     def deploy(self, config: dict, timeout: float = 300) -> str:
-        """`serve deploy` the config (replacing what runs) and wait for its /healthz; its URL."""
+        """`serve deploy` the config (replacing what runs) and wait for its first application's
+        /healthz; that application's URL (its route prefix included)."""
         path = Path(tempfile.mkdtemp()) / "serve.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         deployed = self.run("serve", "deploy", str(path), "--address", self.dashboard)
         if deployed.returncode != 0:
             raise SystemExit(f"serve deploy failed: {deployed.stderr[-2000:]}")
-        url = f"http://127.0.0.1:{config['http_options']['port']}"
+        prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
+        url = f"http://127.0.0.1:{config['http_options']['port']}{prefix}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
