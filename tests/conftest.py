@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fluxray.pipeline import Pipeline
 from fluxray.sources import TINY_MODEL_DIR
@@ -35,13 +36,14 @@ def diffusers_pipe():
     return pipe
 
 
+_THREADS_AT_START = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_unchanged():
-    """Tests that build a deployment's class in-process apply its `torch_threads` to the whole
-    process; put the count back, so later tests run as they would alone (a float reduction split
-    over another number of threads rounds differently)."""
-    import torch
-
-    threads = torch.get_num_threads()
+    """Tests that build a deployment's class in-process (in a test or a module fixture) apply its
+    `torch_threads` to the whole process; after each test the count goes back to the session's,
+    so later tests run as they would alone (a float reduction split over another number of threads
+    rounds differently: the single-file parity check differed by 1/255 at one thread)."""
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_THREADS_AT_START)
