@@ -34,8 +34,9 @@ class ImageRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
 
 
-def generate(pipe, requests: list[ImageRequest]) -> list[bytes]:
-    """One PNG per request; one pipeline call per group of requests that share size, steps and guidance."""
+def generate(pipe, requests: list[ImageRequest], max_sequence_length: int) -> list[bytes]:
+    """One PNG per request; one pipeline call per group of requests that share size, steps and guidance.
+    max_sequence_length is the model's T5 length (its spec's; diffusers' default 512 fits FLUX.1-dev only)."""
     groups: dict[tuple[str, int, float], list[int]] = {}
     for i, r in enumerate(requests):
         groups.setdefault((r.size, r.num_inference_steps, r.guidance_scale), []).append(i)
@@ -48,6 +49,7 @@ def generate(pipe, requests: list[ImageRequest]) -> list[bytes]:
             height=height,
             num_inference_steps=steps,
             guidance_scale=guidance,
+            max_sequence_length=max_sequence_length,
             generator=[torch.Generator("cpu").manual_seed(requests[i].seed) for i in rows],
         ).images
         for i, image in zip(rows, images, strict=True):
@@ -63,11 +65,12 @@ class NaiveFlux:
     def __init__(self, model: str = "tiny", threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.pipe = Pipeline.load(model, device="cpu").to_diffusers()
+        pipeline = Pipeline.load(model, device="cpu")
+        self.pipe, self.max_sequence_length = pipeline.to_diffusers(), pipeline.source.spec.max_sequence_length
 
     @serve.batch(max_batch_size=8)
     async def generate_batch(self, requests: list[ImageRequest]) -> list[bytes]:
-        return generate(self.pipe, requests)
+        return generate(self.pipe, requests, self.max_sequence_length)
 
     @api.post("/v1/images/generations")
     async def generations(self, body: ImageRequest) -> dict:

@@ -1,10 +1,12 @@
-"""Regenerate the embedded tiny FLUX model in fluxray/tiny_model/ (diffusers layout).
+"""The embedded tiny FLUX model before training (diffusers layout): where scripts/train_tiny_model.py starts.
 
-    python scripts/make_tiny_model.py [--out DIR]
+    python scripts/make_tiny_model.py --out DIR
 
 Real FLUX.1 architecture classes at tiny widths (fluxray.specs.SPECS["tiny"]), fixed-seed random
-weights, and small tokenizers trained here on a fixed corpus so that they load offline. The output is
-deterministic: running this twice gives the same tensors.
+weights, and small tokenizers trained here on a fixed corpus (which includes the words of the
+synthetic world, fluxray.scenes) so that they load offline. The output is deterministic: running this
+twice gives the same tensors. The text encoders and tokenizers stay frozen in training, so those
+files equal the shipped ones byte for byte; the shipped VAE and transformer are the trained ones.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ the quick brown fox jumps over the lazy dog
 two people walking in a park in autumn, leaves on the ground
 a robot playing chess with a child, illustration
 blurry, low quality, distorted, ugly, bad anatomy, watermark, text
+a red circle on the left, blue background
+an orange square on the right, green background
+a yellow triangle at the top, purple background
+a white circle at the bottom, black background
+a purple square in the center, white background
 """
 
 CLIP_MERGES = 300
@@ -127,10 +134,8 @@ def build_t5_tokenizer() -> T5Tokenizer:
     return tok
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="regenerate the embedded tiny FLUX model")
-    parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help=f"default: {TINY_MODEL_DIR}")
-    out = parser.parse_args().out
+def build_pipeline() -> FluxPipeline:
+    """The tiny model with its tokenizers and fixed-seed random weights (the start of training)."""
     spec = SPECS["tiny"]
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
     if len(clip_tok) != spec.clip["vocab_size"] or len(t5_tok) != spec.t5["vocab_size"]:
@@ -152,7 +157,7 @@ def main() -> None:
         transformer.proj_out.weight.mul_(3.0)
         transformer.proj_out.bias.mul_(3.0)
     vae = AutoencoderKL(**spec.vae)
-    pipe = FluxPipeline(
+    return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**spec.scheduler),
         vae=vae,
         text_encoder=text_encoder,
@@ -161,12 +166,25 @@ def main() -> None:
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
+
+
+def save(pipe: FluxPipeline, out: Path) -> None:
+    """Write the pipeline in diffusers' layout (safetensors), replacing whatever `out` held."""
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "fluxray_spec.json").write_text(json.dumps({"spec": "tiny"}) + "\n")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {out} ({size / 1e6:.2f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="write the untrained tiny FLUX model (the start of training)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write it (not the shipped model)")
+    out = parser.parse_args().out
+    if out.resolve() == TINY_MODEL_DIR.resolve():
+        raise SystemExit(f"refusing to overwrite the trained model in {TINY_MODEL_DIR}: make tiny-model retrains it")
+    save(build_pipeline(), out)
 
 
 if __name__ == "__main__":

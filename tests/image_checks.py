@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fluxray.specs import get_spec
+
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -12,5 +14,7 @@ def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def diffusers_image(pipe, prompt: str, seed: int, **kwargs) -> np.ndarray:
+    """diffusers' image for the tiny model (its T5 length, not FluxPipeline's default 512)."""
+    kwargs.setdefault("max_sequence_length", get_spec("tiny").max_sequence_length)
     generator = torch.Generator("cpu").manual_seed(seed)
     return np.asarray(pipe(prompt, generator=generator, **kwargs).images[0])

@@ -14,8 +14,8 @@ from deployments.config import AppConfig
 from deployments.text_encoder import PromptCache, TextEncoderDeployment, lookup_or_encode
 from fluxray.embeds import PromptEmbeds
 
-# A tiny-model entry: CLIP pooled (1, 32) + T5 (1, 512, 32), float32.
-TINY_ENTRY_BYTES = (32 + 512 * 32) * 4
+# A tiny-model entry: CLIP pooled (1, 32) + T5 (1, 64, 32), float32.
+TINY_ENTRY_BYTES = (32 + 64 * 32) * 4
 
 
 def embeds(tokens: int, fill: float = 0.0) -> PromptEmbeds:

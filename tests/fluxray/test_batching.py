@@ -39,7 +39,7 @@ def test_requests_joining_at_different_times_match_running_alone(tiny_pipeline):
             seed=3,
         ),
     ]
-    img, txt = image_ids(H, W), text_ids(512)
+    img, txt = image_ids(H, W), text_ids(tiny_pipeline.source.spec.max_sequence_length)
 
     alone = []
     for r in requests:

@@ -75,5 +75,7 @@ def test_bfloat16_arithmetic_matches_flux_pipeline():
     peer = ours.to_diffusers()
     kwargs = dict(width=96, height=64, num_inference_steps=8, guidance_scale=3.5)
     image = ours.generate(GenerationParams(prompt=PROMPT, seed=8, **kwargs))[0].pixels
-    theirs = np.asarray(peer(PROMPT, generator=torch.Generator("cpu").manual_seed(8), **kwargs).images[0])
+    length = ours.source.spec.max_sequence_length
+    generator = torch.Generator("cpu").manual_seed(8)
+    theirs = np.asarray(peer(PROMPT, generator=generator, max_sequence_length=length, **kwargs).images[0])
     assert max_pixel_diff(image, theirs) <= 2

@@ -83,7 +83,7 @@ def test_each_stage_loads_only_its_own_components(tmp_path):
     encoders_only = copy_tiny(tmp_path / "enc", parts={"tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"})
     source = resolve_model(str(encoders_only))
     encoder = TextEncoder.load(source)
-    assert encoder.encode(["a cat"]).sequence.shape == (1, 512, 32)
+    assert encoder.encode(["a cat"]).sequence.shape == (1, 64, 32)  # the tiny spec's T5 length
     with pytest.raises(ModelSourceError, match="transformer"):
         load_transformer_module(source)
     with pytest.raises(ModelSourceError, match="vae"):
@@ -115,7 +115,12 @@ def test_model_path_loads_in_flux_pipeline_offline(tiny_pipeline, diffusers_pipe
     assert diffusers_pipe.tokenizer_2.__class__.__name__.startswith("T5Tokenizer")
     params = GenerationParams(prompt="a cat", width=64, height=64, num_inference_steps=2, seed=3)
     out = diffusers_pipe(
-        "a cat", width=64, height=64, num_inference_steps=2, generator=torch.Generator().manual_seed(3)
+        "a cat",
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        max_sequence_length=tiny_pipeline.source.spec.max_sequence_length,  # the tiny model's 64
+        generator=torch.Generator().manual_seed(3),
     ).images[0]
     import numpy as np
 

@@ -1,4 +1,5 @@
-"""The embedded tiny model is what scripts/make_tiny_model.py makes, and has FLUX.1's structure."""
+"""The embedded tiny model: its frozen parts are what scripts/make_tiny_model.py makes, its VAE and
+transformer what scripts/train_tiny_model.py trains from there, and it has FLUX.1's structure."""
 
 from __future__ import annotations
 
@@ -12,20 +13,55 @@ from fluxray.sources import TINY_MODEL_DIR
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_regenerating_gives_the_shipped_files(tmp_path):
-    out = tmp_path / "tiny"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_untrained_model_gives_the_shipped_frozen_parts(tmp_path):
+    out = tmp_path / "untrained"
+    result = run_script("scripts/make_tiny_model.py", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    shipped = sorted(p.relative_to(TINY_MODEL_DIR) for p in TINY_MODEL_DIR.rglob("*") if p.is_file())
-    made = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert made == shipped
+    made, shipped = files(out), files(TINY_MODEL_DIR)
+    assert sorted(made) == sorted(shipped)
+    # Tokenizers, text encoders and scheduler are frozen in training: byte for byte the same.
+    trained = {"transformer", "vae"}
     for rel in shipped:
-        assert (out / rel).read_bytes() == (TINY_MODEL_DIR / rel).read_bytes(), rel
+        if rel.parts[0] not in trained:
+            assert made[rel] == shipped[rel], rel
+    # The trained parts keep the architecture; only the VAE's latent normalisation is re-measured.
+    assert made[Path("transformer/config.json")] == shipped[Path("transformer/config.json")]
+    vae_made, vae_shipped = (json.loads(d[Path("vae/config.json")]) for d in (made, shipped))
+    moved = {k for k in vae_made if vae_made[k] != vae_shipped[k]}
+    assert moved == {"scaling_factor", "shift_factor"}
+    vae_weights = Path("vae/diffusion_pytorch_model.safetensors")
+    assert made[vae_weights] != shipped[vae_weights]
+    # The shipped model is small enough to ship.
+    assert sum(len(b) for b in shipped.values()) <= 10 * 2**20
+    result = run_script("scripts/make_tiny_model.py", "--out", str(TINY_MODEL_DIR))
+    assert result.returncode != 0 and "refusing to overwrite" in result.stderr
+
+
+def test_training_script_runs_end_to_end_and_repeats_itself(tmp_path):
+    # The whole recipe at a sliver of its steps (the real run takes ~40 min): it must still write
+    # a model diffusers loads and a log of each stage's losses, and a second run must write the
+    # very same weights (fixed seeds, fixed thread count).
+    from diffusers import FluxPipeline
+
+    runs = []
+    for name in ("a", "b"):
+        out, log = tmp_path / name, tmp_path / f"{name}.json"
+        result = run_script("scripts/train_tiny_model.py", "--scale", "0.003", "--out", str(out), "--log", str(log))
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(files(out))
+    record = json.loads(log.read_text())
+    assert all(record[stage]["loss_curve"] for stage in ("vae", "flow", "distill"))
+    assert runs[0] == runs[1]
+    pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.vae.config.scaling_factor != 0.3611  # re-measured from the trained latents
 
 
 def test_real_flux_structure():

@@ -114,7 +114,7 @@ def test_any_layout_of_failing_rows_keeps_one_schema_and_costs_only_those_rows(s
 
 def test_a_prompt_longer_than_an_encoder_reads_is_recorded(stages):
     pipeline, output = stages
-    long_prompt = " ".join(["lighthouse"] * 30)  # past CLIP's 77 tokens, within T5's 512
+    long_prompt = " ".join(["triangle"] * 30)  # past CLIP's 77 tokens, within the tiny T5's 64
     records = [
         make_record({"id": f"long-{n}", "prompt": p}, "p.jsonl", n + 1, DEFAULTS)
         for n, p in enumerate(["a cat", long_prompt])

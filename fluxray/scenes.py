@@ -1,0 +1,173 @@
+"""The synthetic world the embedded tiny model was trained on: one coloured shape on a plain background.
+
+A scene is a shape (circle, square, triangle) of a named colour at a named place (left, right, top,
+bottom, center) on a background of another named colour, and its prompt says exactly that:
+"a red circle on the left, blue background". `render` draws a scene deterministically with PIL,
+`sample_scene` draws one at random from a seed (size and place jittered a little), and `HELD_OUT` is a
+fixed set of combinations that training never shows, which the quality score uses.
+
+`read_scene` is the analytic detector for this world: it finds the background from the border, the
+shape as the pixels that differ from it, and reads colour (nearest named colour), place (centre of the
+shape's box) and shape class (how much of its box the shape fills: square ~1, circle ~pi/4, triangle ~1/2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 220, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "purple": (140, 50, 180),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+# Where a shape's box is centred, as fractions of the canvas (x, y), and how the prompt says it.
+PLACES: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+PLACE_WORDS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+# Half the side of a shape's box, as a fraction of the canvas's shorter side, and the jitter of place.
+HALF_SIZE = (0.14, 0.19)
+PLACE_JITTER = 0.04
+# Shape class from the fraction of its box a shape fills: triangle 0.5, circle 0.785, square 1.
+_FILL_CUTS = (0.64, 0.9)
+# A pixel belongs to the shape when it is further from the background (RGB distance) than this
+# fraction of the way to the named colour nearest the background.
+_FOREGROUND_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    place: str
+    background: str
+
+    @property
+    def prompt(self) -> str:
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape} {PLACE_WORDS[self.place]}, {self.background} background"
+
+
+def all_scenes() -> list[Scene]:
+    """Every combination of the grammar, shape colour and background always different."""
+    return [Scene(c, s, p, b) for c, s, p, b in itertools.product(COLOURS, SHAPES, PLACES, COLOURS) if c != b]
+
+
+def _held_out() -> tuple[Scene, ...]:
+    # Fixed: a seeded draw of 40 of the 840 combinations. Each colour, shape, place and background
+    # still appears in training, only these combinations of them never do.
+    return tuple(random.Random(2026).sample(all_scenes(), 40))
+
+
+HELD_OUT: tuple[Scene, ...] = _held_out()
+_HELD_OUT_SET = frozenset(HELD_OUT)
+TRAINING_SCENES: tuple[Scene, ...] = tuple(s for s in all_scenes() if s not in _HELD_OUT_SET)
+
+
+def parse_prompt(prompt: str) -> Scene | None:
+    """The scene a prompt of this world describes, or None for a prompt outside the grammar."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    colours = [w for w in words if w in COLOURS]
+    shapes = [w for w in words if w in SHAPES]
+    places = [w for w in words if w in PLACES or w == "centre"]
+    if len(colours) != 2 or len(shapes) != 1 or len(places) != 1 or "background" not in words:
+        return None
+    place = "center" if places[0] == "centre" else places[0]
+    return Scene(colours[0], shapes[0], place, colours[1])
+
+
+def sample_scene(rng: random.Random, scenes: tuple[Scene, ...] = TRAINING_SCENES) -> tuple[Scene, dict]:
+    """A scene drawn from `scenes` with its jitter (size and offset), ready for `render`."""
+    scene = rng.choice(scenes)
+    jitter = {
+        "half": rng.uniform(*HALF_SIZE),
+        "dx": rng.uniform(-PLACE_JITTER, PLACE_JITTER),
+        "dy": rng.uniform(-PLACE_JITTER, PLACE_JITTER),
+    }
+    return scene, jitter
+
+
+def render(scene: Scene, width: int = 256, height: int = 256, half: float = 0.165, dx: float = 0.0, dy: float = 0.0):
+    """The scene as an RGB PIL image, drawn at twice the size and reduced so edges are smooth."""
+    scale = 2
+    w, h = width * scale, height * scale
+    image = Image.new("RGB", (w, h), COLOURS[scene.background])
+    draw = ImageDraw.Draw(image)
+    fx, fy = PLACES[scene.place]
+    cx, cy = (fx + dx) * w, (fy + dy) * h
+    r = half * min(w, h)
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return image.resize((width, height), Image.Resampling.BOX)
+
+
+def _nearest_colour(rgb: np.ndarray) -> str:
+    names = list(COLOURS)
+    table = np.array([COLOURS[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
+
+
+def read_scene(image: Image.Image) -> Scene | None:
+    """What the detector sees in an image of this world; None when no shape stands out."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    h, w, _ = pixels.shape
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3)])
+    border = np.concatenate([border, pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    background_rgb = np.median(border, axis=0)
+    background = _nearest_colour(background_rgb)
+    others = np.array([rgb for name, rgb in COLOURS.items() if name != background], dtype=np.float32)
+    threshold = _FOREGROUND_FRACTION * np.sqrt(((others - background_rgb) ** 2).sum(axis=1)).min()
+    mask = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2)) > threshold
+    if mask.sum() < 0.005 * h * w:
+        return None
+    ys, xs = np.nonzero(mask)
+    # The box from robust extremes, so a few stray pixels do not stretch it.
+    x0, x1 = np.percentile(xs, [1, 99])
+    y0, y1 = np.percentile(ys, [1, 99])
+    box = max(x1 - x0 + 1, 1.0) * max(y1 - y0 + 1, 1.0)
+    inside = mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].sum()
+    fill = inside / box
+    shape = "triangle" if fill < _FILL_CUTS[0] else "circle" if fill < _FILL_CUTS[1] else "square"
+    centre = np.array([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h])
+    place = min(PLACES, key=lambda p: float(((np.array(PLACES[p]) - centre) ** 2).sum()))
+    colour = _nearest_colour(np.median(pixels[mask], axis=0))
+    return Scene(colour, shape, place, background)
+
+
+def adherence(asked: Scene, seen: Scene | None) -> dict[str, bool]:
+    """Which attributes of the asked scene the detector found in the image."""
+    if seen is None:
+        return {"colour": False, "shape": False, "place": False, "background": False}
+    return {
+        "colour": seen.colour == asked.colour,
+        "shape": seen.shape == asked.shape,
+        "place": seen.place == asked.place,
+        "background": seen.background == asked.background,
+    }
