@@ -172,6 +172,10 @@ SPECS: dict[str, ModelSpec] = {
             # trained on flat-colour scenes reached 14 dB with 8 groups, 28.6 dB with 2).
             "norm_num_groups": 2,
             "sample_size": 64,
+            # Measured from the trained VAE's latents (scripts/train_tiny_model.py sets them), as
+            # FLUX's own are; BFL-style single files carry no config, so the spec must hold them.
+            "scaling_factor": 1.0101,
+            "shift_factor": 0.0348,
         },
         clip={
             **_CLIP_L,

@@ -72,7 +72,9 @@ def test_preempted_and_split_images_equal_the_image_made_alone(encoder):
     async def busy():
         denoiser = make(denoiser_max_batch_images=1)  # n=3 runs as three parts of one image
         long = asyncio.ensure_future(denoiser.denoise(*request(encoder, 28, 11)))
-        await asyncio.sleep(0.1)
+        # Under way but far from done (a fixed sleep was flaky: a fast machine had finished it).
+        while not any(j.remaining_steps <= 26 for j in denoiser.scheduler.jobs):
+            await asyncio.sleep(0.002)
         short = await denoiser.denoise(*request(encoder, 6, 5, n=3))
         await long
         return short.latents, denoiser.stats()
@@ -87,7 +89,10 @@ def test_a_request_that_would_wait_too_long_is_refused_with_the_estimate(encoder
     async def scenario():
         denoiser = make(max_queue_wait_s=0.05, denoiser_max_batch_images=1)
         first = asyncio.ensure_future(denoiser.denoise(*request(encoder, 40, 1)))
-        await asyncio.sleep(0.2)  # some steps measured
+        # A few steps measured, so the first is ahead of any 40-step newcomer under srpt (a fixed
+        # sleep was flaky: on a loaded machine the first had not started stepping yet).
+        while not any(j.remaining_steps <= 37 for j in denoiser.scheduler.jobs):
+            await asyncio.sleep(0.005)
         waits = []
         for n in (1, 4):  # more work in the newcomer: under srpt it overtakes less
             with pytest.raises(QueueFull) as refused:

@@ -135,7 +135,9 @@ def test_single_file_checkpoint_generates_the_same_image(bfl_dir, tiny_pipeline)
     single = Pipeline.load(str(bfl_dir), device="cpu")
     params = GenerationParams(prompt="a photo of a cat", width=96, height=64, num_inference_steps=4, seed=21)
     reference = tiny_pipeline.generate(params)[0].pixels
-    assert max_pixel_diff(single.generate(params)[0].pixels, reference) == 0
+    # Within 1/255, as the parity tests: the converted weights are equal, but the trained model
+    # turns float summation-order differences into the odd pixel off by one.
+    assert max_pixel_diff(single.generate(params)[0].pixels, reference) <= 1
 
 
 def test_single_file_without_ae_or_as_pickle_is_refused(tmp_path, bfl_dir):
