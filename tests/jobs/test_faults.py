@@ -74,7 +74,7 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
     process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *SLOW],
+        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *SLOW, "--steps", "6"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -84,11 +84,16 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     )
     try:
         deadline = time.monotonic() + 300
+        victims: list[dict] = []
+        # Find the victim early (listing actors takes seconds), kill it once some rows are written.
+        while not victims and time.monotonic() < deadline:
+            assert process.poll() is None, "the job ended before a worker could be found"
+            victims = stage_actors(ray_cluster, stage)
+            time.sleep(0.2)
+        assert victims, f"no live {stage} actor"
         while len(keys(s3, bucket, f"{prefix}metadata/")) < 10 and time.monotonic() < deadline:
             assert process.poll() is None, "the job ended before a worker could be killed"
             time.sleep(0.2)
-        victims = stage_actors(ray_cluster, stage)
-        assert victims, f"no live {stage} actor"
         os.kill(victims[0]["pid"], signal.SIGKILL)  # the worker process dies, as on a node failure
         done_at_kill = len(keys(s3, bucket, f"{prefix}metadata/"))
         stdout, stderr = process.communicate(timeout=600)
