@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxray.acceleration import SpeedOptions, resolve
+from fluxray.images import psnr
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
 from fluxray.runtime import default_dtype, pick_device
@@ -156,10 +157,10 @@ def run_peer(peer, params: GenerationParams, clock: StepClock, max_sequence_leng
     return final["latents"].float().cpu(), pixels
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
-    """PSNR in dB of two uint8 images; None when they are identical."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return None if mse == 0 else round(10 * math.log10(255**2 / mse), 2)
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB of two uint8 images, rounded for the JSON; None when they are identical."""
+    value = psnr(a, b)
+    return None if math.isinf(value) else round(value, 2)
 
 
 def unique_graphs() -> int:
@@ -365,7 +366,7 @@ def compare(report: dict, outputs: dict, modes: dict, wanted: list[str]) -> None
                 entry["max_latent_diff_vs_diffusers"] = round(float((outputs[label][key][0] - theirs).abs().max()), 5)
                 entry["peer_latent_max_abs"] = round(float(theirs.abs().max()), 4)
             if label != bf16_label and key in outputs.get(bf16_label, {}):
-                entry["psnr_db_vs_bf16"] = psnr(outputs[label][key][1], outputs[bf16_label][key][1])
+                entry["psnr_db_vs_bf16"] = psnr_db(outputs[label][key][1], outputs[bf16_label][key][1])
         headline = next(iter(mode["sizes"].values()), {})
         if "ratio" in headline:
             mode["ratio"] = headline["ratio"]

@@ -37,23 +37,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve  # noqa: E402
+from fluxray.images import psnr  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.scenes import HELD_OUT, Scene, adherence, read_scene, render  # noqa: E402
+from fluxray.scenes import ATTRIBUTES, HELD_OUT, Scene, adherence_rates, render  # noqa: E402
 
-ATTRIBUTES = ("colour", "shape", "place", "background")
 GOALS = {"colour": 0.9, "shape": 0.8, "place": 0.8}
 SIZE = 256
 
 
-def generate(pipeline: Pipeline, scenes, seeds, **settings) -> list[tuple[Scene, int, np.ndarray]]:
-    """One image per (scene, seed), generated in batches of 16 requests."""
+def generate(pipeline: Pipeline, scenes, seeds, per_scene=None, **settings) -> list[tuple[Scene, int, np.ndarray]]:
+    """One image per (scene, seed), generated in batches of 16 requests; `per_scene(scene)` adds
+    settings of each scene's own (a negative prompt) to the shared ones."""
     jobs = [(scene, seed) for scene in scenes for seed in seeds]
     out = []
     for i in range(0, len(jobs), 16):
         chunk = jobs[i : i + 16]
         params = [
-            GenerationParams(prompt=scene.prompt, seed=seed, width=SIZE, height=SIZE, **settings)
+            GenerationParams(
+                prompt=scene.prompt,
+                seed=seed,
+                width=SIZE,
+                height=SIZE,
+                **settings,
+                **(per_scene(scene) if per_scene else {}),
+            )
             for scene, seed in chunk
         ]
         out += [(scene, seed, image.pixels) for (scene, seed), image in zip(chunk, pipeline.generate(params))]
@@ -62,16 +70,8 @@ def generate(pipeline: Pipeline, scenes, seeds, **settings) -> list[tuple[Scene,
 
 def score(images) -> dict:
     """Fraction of images whose colour / shape / place / background match, and all four at once."""
-    marks = [adherence(scene, read_scene(Image.fromarray(pixels))) for scene, _, pixels in images]
-    out = {a: round(float(np.mean([m[a] for m in marks])), 4) for a in ATTRIBUTES}
-    out["all"] = round(float(np.mean([all(m.values()) for m in marks])), 4)
-    out["images"] = len(marks)
-    return out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return round(10 * math.log10(255**2 / mse), 2) if mse > 0 else float("inf")
+    rates = adherence_rates([scene for scene, _, _ in images], [Image.fromarray(pixels) for _, _, pixels in images])
+    return {**{a: round(r, 4) for a, r in rates.items()}, "images": len(images)}
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def vae_psnr(pipeline: Pipeline) -> float:
     x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = vae.decode(vae.encode(x.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
     rec = ((rec + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    return psnr(rec, np.stack([np.asarray(im) for im in images]))
+    return round(psnr(rec, np.stack([np.asarray(im) for im in images])), 2)
 
 
 def draw_grid(images, path: Path, columns: int = 4) -> None:
@@ -171,17 +171,14 @@ def main() -> None:
     draw_steps_curve(result["steps_curve"], args.out.parent / "quality-steps-cpu.png")
     guidance = [float(s) for s in args.guidance.split(",")]
     result["guidance_curve"] = sweep("guidance_scale", guidance, spec.default_guidance)
+
     # True CFG on top of the distilled guidance, the negative prompt naming the same shape in
     # another colour: the pair the score can see.
-    cfg = []
-    for scene in HELD_OUT:
+    def negative_other_colour(scene: Scene) -> dict:
         other = next(c for c in ("red", "blue", "green", "yellow") if c not in (scene.colour, scene.background))
-        negative = dataclasses.replace(scene, colour=other).prompt
-        for seed in seeds:
-            params = GenerationParams(
-                prompt=scene.prompt, negative_prompt=negative, true_cfg_scale=2.0, seed=seed, width=SIZE, height=SIZE
-            )
-            cfg.append((scene, seed, fp32.generate(params)[0].pixels))
+        return {"negative_prompt": dataclasses.replace(scene, colour=other).prompt}
+
+    cfg = generate(fp32, HELD_OUT, seeds, per_scene=negative_other_colour, true_cfg_scale=2.0)
     result["true_cfg_2_negative_other_colour"] = score(cfg)
     print(f"true cfg 2: {result['true_cfg_2_negative_other_colour']}", flush=True)
 
@@ -197,7 +194,7 @@ def main() -> None:
     for name, pipeline in (("bf16", bf16), ("int8", int8), ("fp8_cpu_scaled_mm", fp8)):
         images = generate(pipeline, HELD_OUT, seeds)
         switches[name] = score(images)
-        switches[name]["psnr_vs_fp32_db"] = psnr(np.stack([p for _, _, p in images]), reference)
+        switches[name]["psnr_vs_fp32_db"] = round(psnr(np.stack([p for _, _, p in images]), reference), 2)
         switches[name]["drop_vs_fp32"] = {
             a: round(result["default"][a] - switches[name][a], 4) for a in (*ATTRIBUTES, "all")
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,3 +67,9 @@ def read_metadata(data: bytes) -> dict[str, Any]:
     if isinstance(raw, bytes):
         raw = raw.decode()
     return json.loads(raw) if raw else {}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images (or stacks of them); inf when equal."""
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)

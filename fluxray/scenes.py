@@ -128,10 +128,12 @@ def render(scene: Scene, width: int = 256, height: int = 256, half: float = 0.16
     return image.resize((width, height), Image.Resampling.BOX)
 
 
+_COLOUR_NAMES = tuple(COLOURS)
+_COLOUR_TABLE = np.array([COLOURS[n] for n in _COLOUR_NAMES], dtype=np.float32)
+
+
 def _nearest_colour(rgb: np.ndarray) -> str:
-    names = list(COLOURS)
-    table = np.array([COLOURS[n] for n in names], dtype=np.float32)
-    return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
+    return _COLOUR_NAMES[int(np.argmin(((_COLOUR_TABLE - rgb) ** 2).sum(axis=1)))]
 
 
 def read_scene(image: Image.Image) -> Scene | None:
@@ -171,3 +173,15 @@ def adherence(asked: Scene, seen: Scene | None) -> dict[str, bool]:
         "place": seen.place == asked.place,
         "background": seen.background == asked.background,
     }
+
+
+ATTRIBUTES = ("colour", "shape", "place", "background")
+
+
+def adherence_rates(asked: list[Scene], images: list[Image.Image]) -> dict[str, float]:
+    """Over images of the asked scenes: the fraction whose colour / shape / place / background the
+    detector reads as asked, and the fraction right on all four."""
+    marks = [adherence(scene, read_scene(image)) for scene, image in zip(asked, images, strict=True)]
+    rates = {a: float(np.mean([m[a] for m in marks])) for a in ATTRIBUTES}
+    rates["all"] = float(np.mean([all(m.values()) for m in marks]))
+    return rates

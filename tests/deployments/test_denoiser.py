@@ -39,6 +39,13 @@ def request(encoder, steps: int, seed: int, n: int = 1, size: int = 64):
     return EncodedPrompt(encoder.encode([params.prompt]), None, 0.0), params
 
 
+async def until_a_job_has(denoiser, remaining_steps: int) -> None:
+    """Wait until a request is under way (a fixed sleep is flaky: one machine has not started it yet,
+    another has finished it)."""
+    while not any(j.remaining_steps <= remaining_steps for j in denoiser.scheduler.jobs):
+        await asyncio.sleep(0.002)
+
+
 async def finish_order(denoiser, encoder, jobs) -> list[str]:
     """Runs (name, steps, delay) requests concurrently; the names in the order they finished."""
     order = []
@@ -73,8 +80,7 @@ def test_preempted_and_split_images_equal_the_image_made_alone(encoder):
         denoiser = make(denoiser_max_batch_images=1)  # n=3 runs as three parts of one image
         long = asyncio.ensure_future(denoiser.denoise(*request(encoder, 28, 11)))
         # Under way but far from done (a fixed sleep was flaky: a fast machine had finished it).
-        while not any(j.remaining_steps <= 26 for j in denoiser.scheduler.jobs):
-            await asyncio.sleep(0.002)
+        await until_a_job_has(denoiser, remaining_steps=26)
         short = await denoiser.denoise(*request(encoder, 6, 5, n=3))
         await long
         return short.latents, denoiser.stats()
@@ -91,8 +97,7 @@ def test_a_request_that_would_wait_too_long_is_refused_with_the_estimate(encoder
         first = asyncio.ensure_future(denoiser.denoise(*request(encoder, 40, 1)))
         # A few steps measured, so the first is ahead of any 40-step newcomer under srpt (a fixed
         # sleep was flaky: on a loaded machine the first had not started stepping yet).
-        while not any(j.remaining_steps <= 37 for j in denoiser.scheduler.jobs):
-            await asyncio.sleep(0.005)
+        await until_a_job_has(denoiser, remaining_steps=37)
         waits = []
         for n in (1, 4):  # more work in the newcomer: under srpt it overtakes less
             with pytest.raises(QueueFull) as refused:

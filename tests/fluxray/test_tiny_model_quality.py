@@ -4,12 +4,11 @@ here as a drop in meaning, not only as a pixel diff (benchmarks/quality.py has t
 
 from __future__ import annotations
 
-import numpy as np
 from PIL import Image
 
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.scenes import HELD_OUT, adherence, read_scene
+from fluxray.scenes import HELD_OUT, adherence_rates
 
 PROMPTS = HELD_OUT[:8]
 # What the shipped model reaches on these 8 (seed 0, defaults): background 4/8, colour 1/8, shape 2/8,
@@ -18,19 +17,17 @@ PROMPTS = HELD_OUT[:8]
 BACKGROUND_FLOOR = 3 / 8
 
 
-def adherence_rates(pipeline: Pipeline, **settings) -> dict[str, float]:
+def rates_of(pipeline: Pipeline, **settings) -> dict[str, float]:
     params = [GenerationParams(prompt=s.prompt, seed=0, width=256, height=256, **settings) for s in PROMPTS]
-    images = pipeline.generate(params)
-    marks = [adherence(s, read_scene(Image.fromarray(im.pixels))) for s, im in zip(PROMPTS, images)]
-    return {a: float(np.mean([m[a] for m in marks])) for a in ("colour", "shape", "place", "background")}
+    return adherence_rates(PROMPTS, [Image.fromarray(im.pixels) for im in pipeline.generate(params)])
 
 
 def test_default_settings_draw_the_asked_background(tiny_pipeline):
-    rates = adherence_rates(tiny_pipeline)
+    rates = rates_of(tiny_pipeline)
     assert rates["background"] >= BACKGROUND_FLOOR, rates
 
 
 def test_random_weights_do_not_pass_the_same_check():
     # The floor means something: the same architecture with random weights falls below it.
-    rates = adherence_rates(Pipeline.load("random:tiny", device="cpu"), num_inference_steps=8)
+    rates = rates_of(Pipeline.load("random:tiny", device="cpu"), num_inference_steps=8)
     assert rates["background"] < BACKGROUND_FLOOR, rates

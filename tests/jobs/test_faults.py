@@ -19,6 +19,9 @@ from test_generate_job import FAST, ROOT, SLOW, job, keys, prompt_rows, summary
 
 from jobs.stages import FAULTS_ENV
 
+# Small batches and 6 steps: slow enough that the kill lands mid-job.
+MID_JOB_KILL = [*SLOW, "--steps", "6"]
+
 
 def put_input(cluster, name: str, n: int) -> str:
     body = "\n".join(json.dumps(r) for r in prompt_rows(n)) + "\n"
@@ -74,7 +77,16 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
     process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.generate", "--input", source, "--output", f"s3://{bucket}/{prefix}", *SLOW, "--steps", "6"],
+        [
+            sys.executable,
+            "-m",
+            "jobs.generate",
+            "--input",
+            source,
+            "--output",
+            f"s3://{bucket}/{prefix}",
+            *MID_JOB_KILL,
+        ],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
