@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test run serve generate test lint format bench bench-serve bench-quality tiny-model crds clean
+.PHONY: install install-test install-redis run serve generate test lint format bench bench-serve bench-quality tiny-model crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ install-test: $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]"
 
+# The cluster tests run a real redis-server (GCS fault tolerance, cluster/local_cluster.sh --gcs-redis):
+# installed once with apt-get (Debian, Ubuntu), as root or through sudo; the package lists are
+# refreshed only if the install fails without it. Nothing to do where redis-server is on PATH.
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+install-redis:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (apt-get)"; \
+		$(APT) install -y -qq redis-server >/dev/null 2>&1 || \
+			{ $(APT) update -qq && $(APT) install -y -qq redis-server >/dev/null; }; \
+		command -v redis-server >/dev/null || { echo "make: the tests need redis-server on PATH" >&2; exit 1; }; }
+
 ## The main job: the online service (Serve graph, tiny model, CPU) on http://127.0.0.1:8000.
 run: serve
 
@@ -30,7 +41,7 @@ generate: install
 	$(BIN)/fluxray generate --prompt "a green square in the center, white background" --output out/square.png --seed 42
 
 ## Lint, then the whole test suite (CPU, tiny model).
-test: install-test
+test: install-test install-redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -6,7 +6,8 @@
 A RayService's `serveConfigV2` is the text of a serve config, comments included:
 `deployments/configs/gpu-flux-dev.yaml` for the GPU manifests, `local.yaml` with its http host
 set to 0.0.0.0 for the CPU-only `cpu-tiny` variant (kind, minikube). Everything else is below, with
-the reasons; `k8s/secrets.example.yaml` (written by hand) holds the Secrets the manifests name.
+the reasons (GCS fault tolerance on Redis included); `k8s/secrets.example.yaml` (written by hand) holds
+the Secrets the manifests name.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ JOB_OUTPUT = "s3://YOUR-BUCKET/runs/run-001/"  # PARAMETER: where its images, me
 RAY_AUTH_SECRET, RAY_AUTH_KEY = "fluxray-ray-auth", "auth_token"
 API_KEYS_SECRET, API_KEYS_KEY = "fluxray-api-keys", "api-keys"
 S3_SECRET = "fluxray-s3"
+
+# GCS fault tolerance, on the RayService. The head's GCS holds the cluster's tables (nodes, actors and
+# their names, placement groups, jobs, the internal key-value store where Serve's controller keeps its
+# applications); by default in the head's memory, so a head crash (the pod OOM-killed or evicted, its
+# node lost) loses them: KubeRay's new head starts an empty cluster, the workers are restarted and every
+# replica loads its weights again. With the tables in Redis, the workers outlive the head: replicas and
+# actors keep running and the proxies keep serving while KubeRay starts a new head, whose GCS reloads the
+# tables and takes the workers and actors back; Serve's controller is restarted then. While the head is
+# down nothing needs the GCS that can be done: no actor creation, no autoscaling, no new node.
+# What it costs: a Redis to run and keep highly available (one shard: KubeRay supports a standalone Redis,
+# with persistence, or losing Redis is losing the head), its password in a Secret, and, on every RayCluster
+# deletion (an upgrade's old cluster too), a cleanup Job that KubeRay runs to delete the cluster's keys.
+# KubeRay sets the rest itself: RAY_REDIS_ADDRESS and the password on the head, a 600 s wait for a lost GCS
+# on the workers (RAY_gcs_rpc_server_reconnect_timeout_s), and, as externalStorageNamespace is left out, the
+# RayCluster's UID as the namespace of its keys, so that the two clusters of a zero-downtime upgrade, which
+# run side by side, never share keys.
+# The RayJob has none: its driver runs on the head (Ray pins a job's entrypoint there when it asks for no
+# resources), so a head crash ends the job with or without it, and Ray supports GCS fault tolerance for
+# Serve only. A failed job is retried on a fresh cluster instead (backoffLimit), skipping what it wrote.
+REDIS_ADDRESS = "fluxray-redis:6379"  # PARAMETER: your Redis's host:port (the CRD takes it as a value only)
+REDIS_SECRET, REDIS_PASSWORD_KEY = "fluxray-redis", "password"
+GCS_FAULT_TOLERANCE = {
+    "redisAddress": REDIS_ADDRESS,
+    "redisPassword": {"valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_PASSWORD_KEY}}},
+}
 
 
 def secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict:
@@ -237,6 +263,7 @@ def cluster(variant: Variant, job: bool) -> dict:
     }
     if not job:
         spec["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 600, "env": AUTH_ENV}
+        spec["gcsFaultToleranceOptions"] = GCS_FAULT_TOLERANCE
     return {**spec, "headGroupSpec": head, "workerGroupSpecs": [worker]}
 
 

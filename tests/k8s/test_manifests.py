@@ -169,7 +169,7 @@ def test_the_validators_reject_an_unknown_field_and_a_wrong_type():
 
 def test_the_manifests_are_their_rendering():
     rendered = render.render()
-    assert set(rendered) | {K8S / "secrets.example.yaml"} == set(MANIFESTS)
+    assert set(rendered) | {K8S / "secrets.example.yaml", K8S / "redis.yaml"} == set(MANIFESTS)  # two by hand
     for path, text in rendered.items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run `python k8s/render.py`"
 
@@ -185,7 +185,7 @@ def test_kubernetes_objects_validate_against_the_kubernetes_schemas(item):
     _, doc = item
     objects = core_objects(doc)
     assert [e for obj in objects for e in core_errors(obj)] == []
-    assert len(objects) >= (1 if doc["kind"] == "Secret" else 3)
+    assert len(objects) >= (3 if doc["apiVersion"] == "ray.io/v1" else 1)
 
 
 def serve_config(doc: dict) -> dict:
@@ -271,7 +271,9 @@ def test_only_the_serve_port_is_exposed_and_pods_wait_for_the_app(item):
     service = doc["spec"]["serveService"]
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000}]
-    assert [d["kind"] for p, d in DOCS if d["kind"] == "Service"] == []  # no other Service anywhere
+    # No other Service anywhere but Redis's, inside the cluster (ClusterIP) for the head's GCS.
+    others = [d for p, d in DOCS if d["kind"] == "Service"]
+    assert [(d["metadata"]["name"], d["spec"]["type"]) for d in others] == [("fluxray-redis", "ClusterIP")]
     head = cluster_spec(doc)["headGroupSpec"]
     assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress")
     for template in pod_templates(doc):
@@ -303,7 +305,10 @@ def test_secrets_come_from_secrets_that_the_example_defines(item):
     _, doc = item
     refs = set(secret_refs(doc))
     assert refs and all(key in SECRETS[secret]["stringData"] for secret, key in refs), refs
-    assert {secret for secret, _ in refs} == set(SECRETS) == {s for s, _ in secret_refs([d for _, d in RAY_DOCS])}
+    # Every Secret is used; a RayJob's cluster keeps its GCS in memory and needs no Redis password.
+    needed = set(SECRETS) - ({render.REDIS_SECRET} if doc["kind"] == "RayJob" else set())
+    assert {secret for secret, _ in refs} == needed
+    assert {s for s, _ in secret_refs([d for _, d in RAY_DOCS])} == set(SECRETS)
     assert cluster_spec(doc)["authOptions"] == {"mode": "token", "secretName": render.RAY_AUTH_SECRET}
     for template in pod_templates(doc):
         for c in template["spec"]["containers"]:  # every Ray process (and the job submitter) needs the token
@@ -314,6 +319,43 @@ def test_secrets_come_from_secrets_that_the_example_defines(item):
     secret_names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "FLUXRAY_API_KEYS")
     literal = [e["name"] for c in containers(doc) for e in c.get("env", []) if "value" in e]
     assert not set(literal) & set(secret_names)  # a credential only ever comes from a Secret
+
+
+@pytest.mark.parametrize("item", SERVICES, ids=name)
+def test_a_service_keeps_its_gcs_in_redis_with_the_password_from_a_secret(item):
+    _, doc = item
+    options = cluster_spec(doc)["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == render.REDIS_ADDRESS
+    ref = {"name": render.REDIS_SECRET, "key": render.REDIS_PASSWORD_KEY}
+    assert options["redisPassword"] == {"valueFrom": {"secretKeyRef": ref}}
+    assert "password" in SECRETS[render.REDIS_SECRET]["stringData"]
+    # No namespace of our own: KubeRay's default, the RayCluster's UID, keeps an upgrade's two clusters apart.
+    assert "externalStorageNamespace" not in options
+    # KubeRay refuses a RayCluster that also sets Redis by hand beside gcsFaultToleranceOptions.
+    head = cluster_spec(doc)["headGroupSpec"]
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+    for template in pod_templates(doc):
+        for c in template["spec"]["containers"]:
+            assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"} & set(env(c))
+
+
+def test_the_redis_manifest_is_the_one_the_services_name():
+    docs = {d["kind"]: d for p, d in DOCS if p == K8S / "redis.yaml"}
+    host, port = render.REDIS_ADDRESS.split(":")
+    assert docs["Service"]["metadata"]["name"] == host
+    assert [p["port"] for p in docs["Service"]["spec"]["ports"]] == [int(port)]
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    (redis,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    ref = {"name": render.REDIS_SECRET, "key": render.REDIS_PASSWORD_KEY}
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": ref}} in redis["env"]
+    assert '--requirepass "$REDIS_PASSWORD"' in redis["command"][-1]
+
+
+@pytest.mark.parametrize("item", JOBS, ids=name)
+def test_a_jobs_cluster_keeps_its_gcs_in_memory(item):
+    # Its driver runs on the head: a head crash ends the job with or without Redis (k8s/render.py says more).
+    _, doc = item
+    assert "gcsFaultToleranceOptions" not in cluster_spec(doc)
 
 
 def test_nothing_is_installed_at_start():
