@@ -60,7 +60,7 @@ bench: install
 bench-serve: install-test
 	$(BIN)/python benchmarks/serve_load.py
 
-## Retrain the embedded tiny model on the synthetic scenes (CPU, ~35 min on 2 cores).
+## Retrain the embedded tiny model on the synthetic scenes (CPU, ~50 min on 2 cores).
 ## Prompt adherence of the tiny model on held-out prompts (JSON + PNGs in benchmarks/results/).
 bench-quality: install
 	$(PIP) -e ".[bench]"
