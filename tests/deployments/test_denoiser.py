@@ -88,7 +88,9 @@ def test_preempted_and_split_images_equal_the_image_made_alone(encoder):
     latents, stats = asyncio.run(busy())
     assert stats["preemptions"] >= 1
     assert latents.shape == reference.shape
-    assert torch.allclose(latents, reference, atol=1e-4)
+    # Equal up to float noise: GEMM kernels change with the batch size (1 row here, 3 alone), and the
+    # trained model carries that noise through 6 steps to 3e-4 (measured), against latents of unit spread.
+    assert torch.allclose(latents, reference, atol=1e-3)
 
 
 def test_a_request_that_would_wait_too_long_is_refused_with_the_estimate(encoder):
