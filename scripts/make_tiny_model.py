@@ -151,11 +151,10 @@ def build_pipeline() -> FluxPipeline:
         # At these widths and default init, attention over 512 mostly-padding T5 tokens is nearly
         # uniform and the velocity small, so the prompt barely shows in the image. Sharper q/k norms
         # and a larger output projection make the text visibly steer the pixels, which the tests need.
-        for name, param in transformer.named_parameters():
-            if name.rsplit(".", 2)[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-                param.mul_(3.0)
-        transformer.proj_out.weight.mul_(3.0)
-        transformer.proj_out.bias.mul_(3.0)
+        for param in attention_norms(transformer):
+            param.mul_(SHARPEN)
+        transformer.proj_out.weight.mul_(SHARPEN)
+        transformer.proj_out.bias.mul_(SHARPEN)
     vae = AutoencoderKL(**spec.vae)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**spec.scheduler),
@@ -166,6 +165,19 @@ def build_pipeline() -> FluxPipeline:
         tokenizer_2=t5_tok,
         transformer=transformer,
     )
+
+
+# How much build_pipeline sharpens the random transformer's q/k norms and output projection.
+SHARPEN = 3.0
+
+
+def attention_norms(transformer) -> list:
+    """The weights of the transformer's q/k RMSNorms (image and text streams)."""
+    return [
+        param
+        for name, param in transformer.named_parameters()
+        if name.rsplit(".", 2)[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    ]
 
 
 def save(pipe: FluxPipeline, out: Path) -> None:
