@@ -288,9 +288,15 @@ EOF
     # With the GCS in Redis, a worker outlives a head crash while a new head comes up (KubeRay sets
     # the same on its worker pods); without it, a worker has nothing to wait for.
     if [ "$GCS_REDIS" = 1 ]; then export RAY_gcs_rpc_server_reconnect_timeout_s=$WORKER_GCS_RECONNECT_S; fi
+    local serve_port
     for i in $(seq "$WORKERS"); do
-        start_node "worker-$i" --address="127.0.0.1:$gcs_port" "${common[@]}" --node-name="worker-$i" \
-            --num-cpus="$CPUS_PER_WORKER" --dashboard-agent-listen-port="$(free_port)" || return 1
+        # Each worker's Serve proxy gets a port of its own (the head's keeps the serve config's), so a
+        # client can go through one node's proxy: on one machine they would otherwise share one port.
+        serve_port=$(free_port)
+        echo "FLUXRAY_WORKER_${i}_SERVE_PORT=$serve_port" >>"$STATE"
+        RAY_SERVE_WORKER_PROXY_HTTP_PORT=$serve_port start_node "worker-$i" --address="127.0.0.1:$gcs_port" \
+            "${common[@]}" --node-name="worker-$i" --num-cpus="$CPUS_PER_WORKER" \
+            --dashboard-agent-listen-port="$(free_port)" || return 1
     done
     # Up only if the head survived its workers' start too.
     alive "$HEAD_PID" || { FAILED="the head exited (log: $STATE_DIR/head.log)"; return 1; }
@@ -304,6 +310,7 @@ Ray cluster up: head (0 CPUs) + $WORKERS worker(s) x $CPUS_PER_WORKER CPUs, toke
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token   # or: set -a; . $STATE; set +a
   ray status --address 127.0.0.1:$gcs_port
   serve deploy deployments/configs/local.yaml --address http://127.0.0.1:$dashboard_port
+  # Serve's HTTP proxies: the head's on the serve config's port, worker-i's on FLUXRAY_WORKER_<i>_SERVE_PORT
   ray job submit --address http://127.0.0.1:$dashboard_port --working-dir . -- \\
       python -m jobs.generate --input examples/prompts.jsonl --output out/job
   $0 stop --state-dir $STATE_DIR

@@ -137,3 +137,22 @@ class AppConfig(BaseModel):
         except ValueError:
             raise ValueError("default_size must look like 1024x1024") from None
         return value
+
+
+# What a Denoiser's `user_config` may set: the app args that only its step loop reads. Serve hands a
+# changed user_config to the running replicas (`reconfigure`), so these change in place, while a
+# change of `args` starts new replicas of every deployment. denoiser_max_batch_tokens is not among
+# them: the ingress refuses an image larger than it, so it must be the same in both.
+DENOISER_TUNABLE = ("scheduler", "max_slowdown", "max_queue_wait_s", "denoiser_max_batch_images")
+
+
+def tuned(config: AppConfig, user_config: dict | None) -> AppConfig:
+    """The Denoiser's settings: the app's config with its user_config's values over it (validated
+    as the args are; a key left out of user_config takes the arg's value again)."""
+    user_config = user_config or {}
+    unknown = sorted(set(user_config) - set(DENOISER_TUNABLE))
+    if unknown:
+        raise ValueError(
+            f"the Denoiser's user_config takes {', '.join(DENOISER_TUNABLE)}; not {', '.join(map(str, unknown))}"
+        )
+    return AppConfig.model_validate({**config.model_dump(), **user_config})

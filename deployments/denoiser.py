@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
-from deployments.config import AppConfig
+from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
 from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
@@ -65,7 +65,8 @@ class _Work:
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
     def __init__(self, config: dict):
-        self.config = AppConfig.model_validate(config)
+        self.args = AppConfig.model_validate(config)
+        self.config = self.args  # with the user_config's settings over it (reconfigure)
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
@@ -92,6 +93,16 @@ class DenoiserDeployment:
         self.unhealthy: str | None = None
         self.last_progress = time.monotonic()
         self.metrics = DenoiserMetrics()
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Serve's user_config, applied in place (at start and on every change of it in the serve
+        config): the scheduling policy, its aging bound, the admission bound and the images per
+        transformer call (deployments.config.DENOISER_TUNABLE). Requests in flight keep their latents;
+        the next step boundary already follows the new settings."""
+        self.config = tuned(self.args, user_config)
+        self.scheduler.policy = self.config.scheduler
+        self.scheduler.max_slowdown = self.config.max_slowdown
+        self.scheduler.max_batch_images = self.config.denoiser_max_batch_images
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -237,7 +248,8 @@ class DenoiserDeployment:
 
     def stats(self) -> dict:
         active = sum(1 for j in self.scheduler.jobs if not j.payload.cancelled and not j.payload.future.done())
-        return {**self.counts, "active": active, "preemptions": self.scheduler.preemptions}
+        settings = {name: getattr(self.config, name) for name in DENOISER_TUNABLE}
+        return {**self.counts, "active": active, "preemptions": self.scheduler.preemptions, "settings": settings}
 
     def check_health(self) -> None:
         if self.unhealthy:

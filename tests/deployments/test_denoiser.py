@@ -70,6 +70,45 @@ def test_a_short_request_after_long_ones_finishes_first_under_srpt_only(encoder,
         assert order.index("short") >= 2 and denoiser.stats()["preemptions"] == 0
 
 
+def test_user_config_changes_the_policy_and_the_batch_in_place(encoder):
+    """Serve's user_config (reconfigure) on a replica with work in flight: the next steps follow it."""
+    denoiser = make(scheduler="fifo", denoiser_max_batch_images=2)
+    assert denoiser.stats()["settings"] == {
+        "scheduler": "fifo",
+        "max_slowdown": 4.0,
+        "max_queue_wait_s": 60.0,
+        "denoiser_max_batch_images": 2,
+    }
+
+    async def scenario():
+        jobs = [("long-a", 28, 0), ("long-b", 28, 0), ("long-c", 28, 0), ("short", 2, 0.15)]
+        running = asyncio.ensure_future(finish_order(denoiser, encoder, jobs))
+        await until_a_job_has(denoiser, remaining_steps=27)  # under fifo, in batches of two
+        denoiser.reconfigure({"scheduler": "srpt", "denoiser_max_batch_images": 1})
+        return await running
+
+    order = asyncio.run(scenario())
+    stats = denoiser.stats()
+    # Under srpt the short request overtakes the long ones (under fifo it waits behind two: the test above),
+    # and after the first steps no transformer call held more than one image.
+    assert order[0] == "short" and stats["preemptions"] >= 1
+    assert stats["settings"]["scheduler"] == "srpt" and stats["settings"]["denoiser_max_batch_images"] == 1
+    assert denoiser.scheduler.max_batch_images == 1 and denoiser.scheduler.policy == "srpt"
+    # A key left out takes the app's arg again; anything else is refused, naming it, and changes nothing.
+    denoiser.reconfigure({"max_queue_wait_s": 5})
+    assert denoiser.stats()["settings"] == {
+        "scheduler": "fifo",
+        "max_slowdown": 4.0,
+        "max_queue_wait_s": 5.0,
+        "denoiser_max_batch_images": 2,
+    }
+    with pytest.raises(ValueError, match="not denoiser_max_batch_tokens, model"):
+        denoiser.reconfigure({"model": "flux-dev", "denoiser_max_batch_tokens": 10})
+    with pytest.raises(ValueError, match="denoiser_max_batch_images"):
+        denoiser.reconfigure({"denoiser_max_batch_images": 0})
+    assert denoiser.stats()["settings"]["max_queue_wait_s"] == 5.0 and denoiser.scheduler.max_batch_images == 2
+
+
 def test_preempted_and_split_images_equal_the_image_made_alone(encoder):
     async def alone(steps, seed, n):
         return (await make().denoise(*request(encoder, steps, seed, n))).latents
