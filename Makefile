@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test install-redis run serve generate test lint format bench bench-serve bench-quality tiny-model crds clean
+.PHONY: install install-test install-redis run serve generate test lint format bench bench-serve bench-failover bench-quality tiny-model crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,12 +60,16 @@ bench: install
 bench-serve: install-test
 	$(BIN)/python benchmarks/serve_load.py
 
-## Retrain the embedded tiny model on the synthetic scenes (CPU, ~50 min on 2 cores).
+## The head killed, the config rolled out and the Denoiser scaled down under load (needs redis-server).
+bench-failover: install-test install-redis
+	$(BIN)/python benchmarks/failover.py
+
 ## Prompt adherence of the tiny model on held-out prompts (JSON + PNGs in benchmarks/results/).
 bench-quality: install
 	$(PIP) -e ".[bench]"
 	$(BIN)/python benchmarks/quality.py
 
+## Retrain the embedded tiny model on the synthetic scenes (CPU, ~50 min on 2 cores).
 tiny-model: install
 	$(BIN)/python scripts/train_tiny_model.py
 

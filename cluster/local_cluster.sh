@@ -17,6 +17,10 @@
 # process of their groups, and every descendant, is gone, killing what is left after a grace period.
 # The head gets a fresh --temp-dir, which workers inherit, so this cluster's sockets, logs and
 # session files stay out of /tmp/ray, where other clusters and `address="auto"` look.
+# Serve's proxy on worker-i listens on a free port of its own (RAY_SERVE_WORKER_PROXY_HTTP_PORT,
+# recorded as FLUXRAY_WORKER_<i>_SERVE_PORT in state.env); the head's keeps the serve config's port.
+# On one machine every proxy would otherwise bind the same address, and a client could not choose
+# to go through a worker's proxy, as KubeRay's serve Service does.
 #
 # GCS fault tolerance (--gcs-redis): a `redis-server` of the cluster's own (loopback, a free port, a
 # random password, its data in the state dir, its own process group, stopped by `stop` after the

@@ -289,6 +289,11 @@ def rayservice(variant: Variant) -> dict:
                 "metadata": metadata("fluxray-serve"),
                 "spec": {"type": "ClusterIP", "ports": [{"name": "serve", "port": 8000, "targetPort": 8000}]},
             },
+            # A change of rayClusterConfig (image, resources, env) gets a whole new cluster, which takes
+            # the traffic only once its application is RUNNING, then the old one is deleted: no request
+            # ever crosses an old stage and a new one. A change of serveConfigV2 alone is deployed onto
+            # the running cluster (Serve's own rolling update; docs/reliability.md, "Rollouts").
+            "upgradeStrategy": {"type": "NewCluster"},
             "rayClusterConfig": cluster(variant, job=False),
         },
     )

@@ -398,3 +398,11 @@ def test_the_vm_cluster_is_a_valid_launcher_config_with_the_same_shape():
     (group,) = cluster_spec(service)["workerGroupSpecs"]
     assert (gpu["min_workers"], gpu["max_workers"]) == (group["minReplicas"], group["maxReplicas"])
     assert gpu["resources"]["GPU"] >= 1
+
+
+@pytest.mark.parametrize("item", SERVICES, ids=name)
+def test_a_cluster_change_upgrades_through_a_whole_new_cluster(item):
+    # A new RayCluster takes the traffic only once its application runs: no request crosses an old stage
+    # and a new one, which a rolling update of the stages inside one cluster cannot promise.
+    _, doc = item
+    assert doc["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
