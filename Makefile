@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test install-redis run serve generate test lint format bench bench-serve bench-failover bench-quality tiny-model crds clean
+.PHONY: install install-test install-redis install-browser run serve generate test lint format bench bench-serve bench-failover bench-quality tiny-model crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ install-redis:
 			{ $(APT) update -qq && $(APT) install -y -qq redis-server >/dev/null; }; \
 		command -v redis-server >/dev/null || { echo "make: the tests need redis-server on PATH" >&2; exit 1; }; }
 
+# The page's tests drive a real headless Chromium (Debian's chromium and chromium-driver, through selenium).
+install-browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+		echo "installing chromium and chromium-driver (apt-get)"; \
+		$(APT) install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+			{ $(APT) update -qq && $(APT) install -y -qq chromium chromium-driver >/dev/null; }; \
+		command -v chromedriver >/dev/null || { echo "make: the tests need chromium and chromedriver on PATH" >&2; exit 1; }; }
+
 ## The main job: the online service (Serve graph, tiny model, CPU) on http://127.0.0.1:8000.
 run: serve
 
@@ -41,7 +49,7 @@ generate: install
 	$(BIN)/fluxray generate --prompt "a green square in the center, white background" --output out/square.png --seed 42
 
 ## Lint, then the whole test suite (CPU, tiny model).
-test: install-test install-redis
+test: install-test install-redis install-browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -11,7 +11,9 @@ gives fluxray / naive ratios per level. While fluxray serves, its Prometheus met
 before and after each level, so each level's mean time per request in each stage (queueing in the
 replica included) and in the ingress is a measured split of the latency. The in-process engine
 and FluxPipeline then make the same images one call at a time and as one batch, so the cost of
-serving is a measured difference, not a guess.
+serving is a measured difference, not a guess. The same levels also go through the async API
+(`POST /v1/images/jobs`, its events followed to the end, then `GET` of the job), and the report
+gives its latency and throughput against the synchronous route's (`async_vs_sync`).
 
 The Ray instance is this script's own (`ray start --head` on free ports, token auth) and is stopped
 by killing only the processes it started: a cluster someone else runs on the machine is left alone.
@@ -280,6 +282,49 @@ def load(url: str, concurrency: int, requests: int, width: int, height: int, ste
     }
 
 
+def load_async(url: str, concurrency: int, requests: int, width: int, height: int, steps: int, seed0: int) -> dict:
+    """The same load through async jobs: POST /v1/images/jobs, follow its events until it ends, then GET
+    the job with its image. Latency is from the POST to that record, as a client of the async API sees it."""
+
+    def one(i: int) -> float:
+        body = {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "size": f"{width}x{height}",
+            "seed": seed0 + i,
+            "num_inference_steps": steps,
+            "n": 1,
+        }
+        start = time.perf_counter()
+        with httpx.Client(timeout=600) as http:
+            created = http.post(f"{url}/v1/images/jobs", json=body)
+            if created.status_code != 202:
+                raise RuntimeError(f"HTTP {created.status_code}: {created.text[:200]}")
+            job = created.json()
+            with http.stream("GET", f"{url}{job['links']['events']}") as events:
+                for line in events.iter_lines():
+                    if line.startswith("event: ") and line[7:] in ("succeeded", "failed", "cancelled"):
+                        break
+            record = http.get(f"{url}{job['links']['self']}").json()
+        elapsed = time.perf_counter() - start
+        if record["status"] != "succeeded" or not record["data"]:
+            raise RuntimeError(f"job {record['id']}: {record['status']} {record['error']}")
+        return elapsed
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "p50_s": round(percentile(latencies, 0.5), 4),
+        "p99_s": round(percentile(latencies, 0.99), 4),
+        "mean_s": round(statistics.mean(latencies), 4),
+        "images_per_s": round(requests / wall, 3),
+        "wall_s": round(wall, 2),
+    }
+
+
 def in_process(width: int, height: int, steps: int, images: int, threads: int | None) -> dict:
     """fluxray's engine and diffusers' FluxPipeline (the naive app's code) in this process: one
     image per call (the floor a request at concurrency 1 can reach) and all images in one call."""
@@ -366,7 +411,7 @@ def main() -> None:
     model = raw["applications"][0]["args"].get("model", "tiny")
     threads = raw["applications"][0]["args"].get("torch_threads")
 
-    naive = naive_threads = None
+    naive = naive_threads = async_jobs = None
     if args.url:
         fluxray = run_levels(args.url, concurrency, args.requests, width, height, args.steps)
     else:
@@ -376,6 +421,12 @@ def main() -> None:
             url = cluster.deploy(config)
             print(f"fluxray up at {url}", file=sys.stderr, flush=True)
             fluxray = run_levels(url, concurrency, args.requests, width, height, args.steps, cluster.metrics_url)
+            # The async API on the same app, right after: the same requests as jobs followed over SSE.
+            async_jobs = []
+            for c in concurrency:
+                level = load_async(url, c, max(args.requests, c), width, height, args.steps, 1000 * c)
+                print(f"{url} async c={c}: {level}", file=sys.stderr, flush=True)
+                async_jobs.append(level)
             # The same Ray instance, fluxray's application replaced by the naive one.
             url = cluster.deploy(naive_config(model, args.naive_threads or None, config["http_options"]["port"]))
             # Until the naive app has replaced fluxray on the port, /healthz may still be fluxray's.
@@ -405,6 +456,7 @@ def main() -> None:
         },
         "http": fluxray,
         "naive_http": naive,
+        "async_jobs_http": async_jobs,
         "in_process": engine,
         "serve_overhead": {
             "p50_latency_s_at_concurrency_1_minus_in_process": round(
@@ -413,6 +465,17 @@ def main() -> None:
             "latency_ratio_at_concurrency_1": round(single["p50_s"] / engine["fluxray_engine"]["p50_s"], 3),
         },
     }
+    if async_jobs:
+        # What the async API costs over the synchronous route: a job record, its events and a second GET.
+        report["async_vs_sync"] = [
+            {
+                "concurrency": a["concurrency"],
+                "p50_latency_ratio": round(a["p50_s"] / f["p50_s"], 3),
+                "p50_latency_added_s": round(a["p50_s"] - f["p50_s"], 4),
+                "images_per_s_ratio": round(a["images_per_s"] / f["images_per_s"], 3),
+            }
+            for a, f in zip(async_jobs, fluxray)
+        ]
     if naive:
         report["fluxray_vs_naive"] = [
             {

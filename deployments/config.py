@@ -118,6 +118,47 @@ class AppConfig(BaseModel):
         description="Per-request work budget: n x width x height x steps (x2 with true CFG); beyond it, 422.",
     )
     object_store: ObjectStoreConfig | None = Field(default=None, description="Enables response_format=url.")
+    job_store: str = Field(
+        default="memory",
+        pattern=r"^(memory|rediss?://\S+)$",
+        description="Where async jobs live: memory (this ingress replica only; enough with one replica) or a "
+        "redis:// URL shared by every ingress replica (its password from job_store_password_env, never here).",
+    )
+    job_store_password_env: str = Field(
+        default="FLUXRAY_JOB_STORE_PASSWORD",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable with the Redis password of job_store (unset: none).",
+    )
+    job_ttl_s: float = Field(
+        default=3600.0, gt=0, description="An async job's record expires this long after its last change."
+    )
+    max_queued_jobs: int = Field(
+        default=256, ge=1, description="Unfinished async jobs per ingress replica; beyond it, 429."
+    )
+    job_result_max_bytes: int = Field(
+        default=32 * 2**20, ge=1024, description="Largest base64 result kept in the job store; larger jobs fail."
+    )
+    job_lost_after_s: float = Field(
+        default=30.0,
+        gt=5,
+        description="An unfinished job whose replica has not written for this long is failed (retryable).",
+    )
+    preview_every_steps: int = Field(default=4, ge=1, description="Steps between an async job's previews.")
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts async jobs may send webhooks to; empty: webhooks off. A loopback, link-local or "
+        "metadata address is called only when listed itself (or localhost, for loopback).",
+    )
+    webhook_secret_env: str = Field(
+        default="FLUXRAY_WEBHOOK_SECRET",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable with the signing secret (whsec_ + base64, Standard Webhooks).",
+    )
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts per webhook delivery.")
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before the second attempt; doubled before each next one."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds a webhook receiver has to answer.")
     speed: SpeedOptions = Field(
         default_factory=SpeedOptions,
         description="Engine speed switches (compile, attention kernel, fused QKV, fp8/int8/nf4, VAE tiling, "

@@ -30,6 +30,7 @@ from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
+from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise_step, denoise_task, image_ids, text_ids
 from fluxray.transformer import load_transformer
@@ -55,11 +56,13 @@ class DenoisedLatents:
 
 @dataclass(eq=False)
 class _Work:
-    """A Job's payload: the engine's state of its images and the future its request awaits."""
+    """A Job's payload: the engine's state of its images and the future its request awaits; for a
+    streamed request (denoise_stream), the queue its step loop reports to."""
 
     task: object  # fluxray.sampling.DenoiseTask
     future: asyncio.Future
     cancelled: bool = False
+    watch: asyncio.Queue | None = None  # gets None after every step that may change what it reports
 
 
 @serve.deployment(name="Denoiser")
@@ -108,6 +111,72 @@ class DenoiserDeployment:
 
     async def denoise(self, encoded: EncodedPrompt, params: GenerationParams) -> DenoisedLatents:
         """Denoise a resolved request's n images; returns their packed latents on the CPU."""
+        jobs = self._submit(encoded, params)
+        return await self._finish(jobs, encoded)
+
+    async def denoise_stream(
+        self, encoded: EncodedPrompt, params: GenerationParams, preview_every: int = 0, queue: bool = False
+    ):
+        """The same denoising as `denoise`, streamed (a Serve streaming call) for async jobs: dicts with
+        an "event" key, from this replica's step loop:
+
+        - "queued": `position` (waiting requests the policy now runs first) and `eta_s`, at once and
+          whenever they change;
+        - "started", at the request's first step;
+        - "progress": `step` of `steps` and `eta_s` after each step, and every `preview_every` steps
+          (0: never) `preview`, the first image's latents pooled small (fluxray.preview);
+        - "done", last: `result`, the DenoisedLatents that `denoise` returns.
+        Closing the stream (the caller cancelled) drops the request at the next step boundary.
+        `queue`: admit the request however long it would wait (async jobs wait by design; their
+        number is bounded at the ingress), instead of refusing it past max_queue_wait_s."""
+        watch: asyncio.Queue = asyncio.Queue()
+        jobs = self._submit(encoded, params, watch, queue)
+        finished = asyncio.ensure_future(self._finish(jobs, encoded))
+        position, eta = self._ahead(jobs)
+        last_position, started, last_step = position, False, 0
+        try:
+            yield {"event": "queued", "position": position, "eta_s": round(eta, 2)}
+            while True:
+                getter = asyncio.ensure_future(watch.get())
+                await asyncio.wait([getter, finished], return_when=asyncio.FIRST_COMPLETED)
+                getter.cancel()
+                while not watch.empty():  # several steps may have ended meanwhile: report the latest
+                    watch.get_nowait()
+                step = min(job.done_steps for job in jobs)
+                if step == 0 and not any(job.first_step is not None for job in jobs):
+                    position, eta = self._ahead(jobs)
+                    if position != last_position:
+                        last_position = position
+                        yield {"event": "queued", "position": position, "eta_s": round(eta, 2)}
+                elif not started:
+                    started = True
+                    yield {"event": "started"}
+                if step > last_step:
+                    last_step = step
+                    event = {"event": "progress", "step": step, "steps": params.num_inference_steps}
+                    event["eta_s"] = round(self._ahead(jobs)[1], 2)
+                    if preview_every and (step % preview_every == 0 or step == params.num_inference_steps):
+                        event["preview"] = preview_latents(
+                            jobs[0].payload.task.latents, params.height, params.width, self.source.spec.vae_scale_factor
+                        )
+                    yield event
+                if finished.done():
+                    yield {"event": "done", "result": finished.result()}
+                    return
+        finally:
+            if not finished.done():
+                finished.cancel()
+                await asyncio.gather(finished, return_exceptions=True)
+
+    def _ahead(self, jobs: list[Job]) -> tuple[int, float]:
+        """A request's queue position (its least, over its parts) and seconds until its last part is done."""
+        ahead = [self.scheduler.ahead(job) for job in jobs]
+        return min(p for p, _ in ahead), max(s for _, s in ahead)
+
+    def _submit(
+        self, encoded: EncodedPrompt, params: GenerationParams, watch: asyncio.Queue | None = None, queue: bool = False
+    ):
+        """The request's jobs, in the scheduler (QueueFull if it would wait too long)."""
         if self.unhealthy:
             raise RuntimeError(f"this denoiser replica is unhealthy ({self.unhealthy}); it is being replaced")
         loop = asyncio.get_running_loop()
@@ -120,22 +189,26 @@ class DenoiserDeployment:
             params.n, per_image, shape, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images
         )
         steps = params.num_inference_steps
-        if self.scheduler.jobs:
+        if not self.scheduler.jobs:
+            self.last_progress = time.monotonic()  # the clock of stuck_after_s starts with work
+        elif not queue:
             wait = self.scheduler.estimated_wait(shape, params.n * per_image, steps)
             if wait > self.config.max_queue_wait_s:
                 self.counts["rejected"] += 1
                 raise QueueFull(wait)
-        else:
-            self.last_progress = time.monotonic()  # the clock of stuck_after_s starts with work
         jobs, offset = [], 0
         for images in parts:
             part = params if len(parts) == 1 else params.model_copy(update={"n": images, "seed": params.seed + offset})
             task = denoise_task(part, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
-            work = _Work(task, loop.create_future())
+            work = _Work(task, loop.create_future(), watch=watch)
             jobs.append(self.scheduler.add(Job(shape, images * per_image, images, steps, payload=work)))
             offset += images
         self.metrics.queue_depth.set(len(self.scheduler.jobs))
         self.wakeup.set()
+        return jobs
+
+    async def _finish(self, jobs: list[Job], encoded: EncodedPrompt) -> DenoisedLatents:
+        """Waits for the request's jobs; their latents, in order, and its timings."""
         try:
             latents = torch.cat(await asyncio.gather(*[job.payload.future for job in jobs]))
         except asyncio.CancelledError:
@@ -183,7 +256,11 @@ class DenoiserDeployment:
         self.counts["batched_steps"] += len(batch) > 1
         self.counts["max_rows"] = max(self.counts["max_rows"], rows)
         preempted = self.scheduler.preemptions
-        for job in self.scheduler.stepped(batch, seconds):
+        finished = self.scheduler.stepped(batch, seconds)
+        for job in self.scheduler.jobs:  # streamed requests: positions, steps and ETAs moved
+            if job.payload.watch is not None:
+                job.payload.watch.put_nowait(None)
+        for job in finished:
             self.scheduler.remove(job)
             if not job.payload.future.done():
                 job.payload.future.set_result(job.payload.task.latents.to("cpu"))

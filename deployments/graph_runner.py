@@ -37,6 +37,11 @@ def replica_lost(error: BaseException) -> bool:
     return any(isinstance(e, REPLICA_LOST) for e in _causes(error))
 
 
+def at_capacity(error: BaseException) -> bool:
+    """Whether a stage refused the call for now (its queue full, or no replica yet)."""
+    return any(isinstance(e, AT_CAPACITY) for e in _causes(error))
+
+
 def queue_full(error: BaseException) -> QueueFull | None:
     """The Denoiser's refusal of a request that would wait too long, if that is what this is."""
     return next((e for e in _causes(error) if isinstance(e, QueueFull)), None)

@@ -18,7 +18,19 @@ from dataclasses import dataclass, field
 
 API_KEYS_ENV = "FLUXRAY_API_KEYS"
 # Open without a key: the health check (load balancers, KubeRay probes) and the API's own description.
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# The page and its two files are open too: they hold no data, and the page asks for the key itself.
+OPEN_PATHS = frozenset(
+    {
+        "/healthz",
+        "/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/",
+        "/static/page.js",
+        "/static/page.css",
+    }
+)
 
 
 def _digest(value: bytes) -> bytes:

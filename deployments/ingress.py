@@ -8,27 +8,36 @@ parameters through Serve's method wrappers.)
 
 import asyncio
 import base64
+import html
+import json
 import logging
+import os
+import re
 import time
+from pathlib import Path
 
-from fastapi import FastAPI, Security
-from fastapi.responses import Response
+from fastapi import FastAPI, Header, Request, Security
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import fluxray
+from deployments.async_jobs import TERMINAL, AsyncJobs, public
 from deployments.config import AppConfig
 from deployments.errors import ERRORS, APIError, install_error_handlers
 from deployments.graph_runner import GraphRunner
 from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
+from deployments.job_store import JobStoreUnavailable, open_store
 from deployments.metrics import IngressMetrics
 from deployments.object_store import ObjectStore
 from deployments.protocol import (
     PARAM_OF_FIELD,
     ImageData,
     ImageGenerationRequest,
+    ImageJob,
+    ImageJobRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
@@ -36,6 +45,7 @@ from deployments.protocol import (
 )
 from deployments.scheduler import tokens
 from deployments.vae_decoder import DecodedImages, DecodeRequest
+from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from fluxray.images import MEDIA_TYPES, image_metadata
 from fluxray.params import GenerationParams, describe_validation_error
 from fluxray.sources import resolve_model
@@ -47,7 +57,29 @@ TIMING_ORDER = ("queue", "encode", "denoise", "decode", "total")
 TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start of the prompt
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
-ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz"})
+ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz", "/v1/images/jobs", "/"})
+JOB_PATH = re.compile(r"^/v1/images/jobs/[^/]+(/events)?$")  # labelled by template, not by id
+JOB_ID = re.compile(r"^imgjob_[0-9a-f]{24}$")
+SSE_KEEPALIVE_S = 15.0
+STATIC = Path(__file__).resolve().parent / "static"  # the page: served as files, no build step
+STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+REPLICA_HEADER = "X-Replica"  # on job answers: which ingress replica answered (jobs are shared through Redis)
+
+
+def route_label(path: str) -> str:
+    """A path's metric label: its route, a job route's template, or "other"."""
+    if path in ROUTES:
+        return path
+    if match := JOB_PATH.match(path):
+        return "/v1/images/jobs/{id}" + (match.group(1) or "")
+    return "other"
+
+
+def sse(event: dict) -> str:
+    """One Server-Sent Event: its id (for Last-Event-ID), its type and its JSON data."""
+    return f"id: {event['id']}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
+
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -86,6 +118,7 @@ class Ingress:
         self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
         self.store = ObjectStore(self.config.object_store) if self.config.object_store else None
         self.started = int(time.time())
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = IngressMetrics()
         self.runner = GraphRunner(
             max_pending=self.config.max_pending_requests,
@@ -95,12 +128,41 @@ class Ingress:
             on_retry=lambda _: self.metrics.retries.inc(),
             on_in_flight=self.metrics.in_flight.set,
         )
+        self.webhook_policy = WebhookPolicy(
+            allowed_hosts=tuple(self.config.webhook_allowed_hosts),
+            secret=os.environ.get(self.config.webhook_secret_env),
+            max_attempts=self.config.webhook_max_attempts,
+            backoff_s=self.config.webhook_backoff_s,
+            timeout_s=self.config.webhook_timeout_s,
+        )
+        if self.config.webhook_allowed_hosts and not self.webhook_policy.secret:
+            logger.warning("webhooks off: %s is not set in this replica's environment", self.config.webhook_secret_env)
+        store = open_store(
+            self.config.job_store, self.config.job_ttl_s, os.environ.get(self.config.job_store_password_env)
+        )
+        self.jobs = AsyncJobs(
+            store,
+            encoder,
+            denoiser,
+            vae,
+            model_name=self.model_name,
+            retries=self.config.stage_retries,
+            retry_after_s=self.config.retry_after_s,
+            max_queued_jobs=self.config.max_queued_jobs,
+            preview_every=self.config.preview_every_steps,
+            result_max_bytes=self.config.job_result_max_bytes,
+            lost_after_s=self.config.job_lost_after_s,
+            finish=self._image_data,
+            webhooks=WebhookSender(self.webhook_policy, lambda r: self.metrics.webhooks.inc(tags={"result": r})),
+            on_status=lambda status: self.metrics.jobs.inc(tags={"status": status}),
+            on_queue_wait=self.metrics.job_queue_wait.observe,
+        )
         keys = ApiKeys.from_env(self.config.api_keys_env)
         RequestGuard.configure(GuardPolicy(keys, self.config.max_body_bytes, self._answered))
         logger.info("API keys %s", f"required ({len(keys)} accepted)" if keys.enabled else "not required")
 
     def _answered(self, path: str, status: int, seconds: float) -> None:
-        self.metrics.answered(path if path in ROUTES else "other", status, seconds)
+        self.metrics.answered(route_label(path), status, seconds)
 
     def _params(self, request: ImageGenerationRequest) -> GenerationParams:
         if request.model not in (None, self.model_name):
@@ -174,26 +236,123 @@ class Ingress:
         result.timings["total"] = time.monotonic() - started
         return result
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS, dependencies=API_KEY)
-    async def generations(self, request: ImageGenerationRequest, response: Response) -> ImagesResponse:
-        """Generate images (OpenAI Images API, plus fluxray's extension fields)."""
-        params = self._params(request)
-        result = await self._generate(params)
-        files = result.files
-        response.headers[TIMING_HEADER] = server_timing(result.timings)
+    async def _images(self, params: GenerationParams, files: list[bytes], response_format: str) -> list[ImageData]:
+        """The response's `data`: each image as base64 or as an object-store URL, with its seed."""
         cut = self.prompt_length.truncated(params.prompt, params.prompt_2)
-        if request.response_format == "url":
+        if response_format == "url":
             loop = asyncio.get_running_loop()
             urls = await asyncio.gather(
                 *[loop.run_in_executor(None, self.store.put, f, params.output_format) for f in files]
             )
-            data = [ImageData(url=u, seed=s, truncated=cut) for u, s in zip(urls, params.image_seeds())]
-        else:
-            data = [
-                ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut)
-                for f, s in zip(files, params.image_seeds())
-            ]
+            return [ImageData(url=u, seed=s, truncated=cut) for u, s in zip(urls, params.image_seeds())]
+        return [
+            ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut)
+            for f, s in zip(files, params.image_seeds())
+        ]
+
+    async def _image_data(self, params: GenerationParams, files: list[bytes], response_format: str) -> list[dict]:
+        return [d.model_dump() for d in await self._images(params, files, response_format)]
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        responses={**ERRORS, 202: {"model": ImageJob, "description": "With `Prefer: respond-async`: the job."}},
+        dependencies=API_KEY,
+    )
+    async def generations(
+        self, request: ImageGenerationRequest, response: Response, prefer: str | None = Header(default=None)
+    ) -> ImagesResponse:
+        """Generate images (OpenAI Images API, plus fluxray's extension fields). With the header
+        `Prefer: respond-async`, answers 202 with an async job instead (as POST /v1/images/jobs)."""
+        params = self._params(request)
+        if prefer and "respond-async" in [p.strip().split("=")[0].lower() for p in prefer.split(",")]:
+            return await self._submit_job(params, request, preview=False)
+        result = await self._generate(params)
+        response.headers[TIMING_HEADER] = server_timing(result.timings)
+        data = await self._images(params, result.files, request.response_format)
         return ImagesResponse(created=int(time.time()), data=data, timings=timings_ms(result.timings))
+
+    # --- async jobs (deployments.async_jobs) -------------------------------------------------------
+
+    async def _jobs_call(self, coroutine):
+        try:
+            return await coroutine
+        except JobStoreUnavailable as error:
+            headers = {"Retry-After": str(self.config.retry_after_s)}
+            raise APIError(503, f"{error}; retry later", kind="overloaded_error", headers=headers) from None
+
+    async def _submit_job(self, params: GenerationParams, request: ImageGenerationRequest, preview: bool):
+        webhook = getattr(request, "webhook", None)
+        await validate_webhook(self.webhook_policy, webhook)
+        body = request.model_dump(exclude_none=True, exclude={"preview", "webhook", "webhook_events"})
+        events = getattr(request, "webhook_events", None)
+        record = await self._jobs_call(self.jobs.submit(params, body, preview, webhook, events))
+        headers = {"Location": record["links"]["self"], REPLICA_HEADER: self.replica}
+        return JSONResponse(record, status_code=202, headers=headers)
+
+    def _job_id(self, job_id: str) -> str:
+        if not JOB_ID.match(job_id):
+            raise APIError(404, f"no job {job_id[:64]!r}", "id", "not_found_error", code="job_not_found")
+        return job_id
+
+    @app.post(
+        "/v1/images/jobs",
+        status_code=202,
+        response_model=ImageJob,
+        responses=ERRORS,
+        dependencies=API_KEY,
+    )
+    async def create_job(self, request: ImageJobRequest):
+        """Start an async generation (fluxray extension): 202 with the job, its id and its links."""
+        params = self._params(request)
+        return await self._submit_job(params, request, preview=request.preview)
+
+    @app.get("/v1/images/jobs/{job_id}", response_model=ImageJob, responses=ERRORS, dependencies=API_KEY)
+    async def get_job(self, job_id: str):
+        """The job: status, progress, queue position, ETA, and its images once it succeeded."""
+        record = public(await self._jobs_call(self.jobs.get(self._job_id(job_id))))
+        return JSONResponse(record, headers={REPLICA_HEADER: self.replica})
+
+    @app.delete("/v1/images/jobs/{job_id}", response_model=ImageJob, responses=ERRORS, dependencies=API_KEY)
+    async def cancel_job(self, job_id: str):
+        """Cancel the job: a queued job never runs, a running one stops at its next step."""
+        record = await self._jobs_call(self.jobs.cancel(self._job_id(job_id)))
+        return JSONResponse(record, headers={REPLICA_HEADER: self.replica})
+
+    @app.get(
+        "/v1/images/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}, **ERRORS},
+        dependencies=API_KEY,
+    )
+    async def job_events(self, job_id: str, request: Request):
+        """Server-Sent Events: queued, started, progress (with previews when asked for), then succeeded,
+        failed or cancelled. Reconnecting with Last-Event-ID resumes after that event."""
+        await self._jobs_call(self.jobs.get(self._job_id(job_id)))
+        header = request.headers.get("last-event-id", "0").strip()
+        after = int(header) if header.isdigit() and len(header) < 10 else 0
+        store = self.jobs.store
+
+        async def stream():
+            nonlocal after
+            try:
+                while True:
+                    for event in await store.events(job_id, after):
+                        yield sse(event)
+                        after = event["id"]
+                        if event["event"] in TERMINAL:
+                            return
+                    record = await self.jobs.get(job_id)  # marks a job whose owner died as failed
+                    if record["status"] in TERMINAL and not await store.events(job_id, after):
+                        return
+                    await store.wait(job_id, after, SSE_KEEPALIVE_S)
+                    if not await store.events(job_id, after):
+                        yield ": keep-alive\n\n"
+            except (JobStoreUnavailable, APIError):
+                return  # the client reconnects with Last-Event-ID
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     @app.post(
         "/generate",
@@ -228,6 +387,20 @@ class Ingress:
     def stats(self) -> dict:
         """For operators and tests, through a DeploymentHandle (not an HTTP route)."""
         return {"in_flight": self.runner.in_flight, "retries": self.runner.retried}
+
+    @app.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> Response:
+        """A page to try the service: a form, live progress over the job's events, a gallery. Its paths
+        are relative to <base>, set here to the application's route prefix."""
+        prefix = html.escape(request.scope.get("root_path", "").rstrip("/"), quote=True)
+        text = (STATIC / "index.html").read_text().replace('<base href="/">', f'<base href="{prefix}/">')
+        return Response(text, media_type="text/html; charset=utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_TYPES:
+            raise APIError(404, f"no file {name[:64]!r}", kind="not_found_error")
+        return Response((STATIC / name).read_bytes(), media_type=STATIC_TYPES[name])
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

@@ -38,6 +38,21 @@ class IngressMetrics:
         self.retries = Counter(
             "fluxray_stage_retries_total", "Generations re-run because a stage replica died under them."
         )
+        self.jobs = Counter(
+            "fluxray_jobs_total",
+            "Async jobs reaching a status (queued, running, succeeded, failed, cancelled).",
+            tag_keys=("status",),
+        )
+        self.job_queue_wait = Histogram(
+            "fluxray_job_queue_wait_s",
+            "Seconds from an async job's creation to its first denoising step.",
+            boundaries=LATENCY_BOUNDARIES,
+        )
+        self.webhooks = Counter(
+            "fluxray_webhook_deliveries_total",
+            "Webhook deliveries, by result: delivered, or failed after every attempt (or refused).",
+            tag_keys=("result",),
+        )
 
     def answered(self, route: str, code: int, seconds: float) -> None:
         tags = {"route": route, "code": str(code)}

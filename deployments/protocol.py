@@ -70,6 +70,54 @@ class ImageData(BaseModel):
     )
 
 
+class ImageJobRequest(ImageGenerationRequest):
+    """POST /v1/images/jobs: a generation's body, run as an async job."""
+
+    preview: bool = Field(
+        default=False, description="Small JPEG previews of the first image in the job's progress events."
+    )
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="URL to POST the job's events to (Standard Webhooks, signed); its host must be allowed.",
+    )
+    webhook_events: list[Literal["queued", "started", "progress", "succeeded", "failed", "cancelled"]] | None = Field(
+        default=None,
+        max_length=6,
+        description="Events sent to the webhook; succeeded, failed and cancelled when unset.",
+    )
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class ImageJob(BaseModel):
+    """An async generation job (fluxray extension)."""
+
+    id: str
+    object: Literal["image.generation.job"] = "image.generation.job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created_at: float = Field(description="Unix seconds.")
+    started_at: float | None = Field(default=None, description="Unix seconds of the first denoising step.")
+    finished_at: float | None = None
+    queue_position: int | None = Field(
+        default=None, description="Requests the denoiser now runs first; 0 once running; null before it is queued."
+    )
+    eta_s: float | None = Field(default=None, description="Estimated seconds until done, from the denoiser.")
+    progress: JobProgress
+    request: dict
+    preview: bool
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+    links: dict[str, str]
+    data: list[ImageData] | None = Field(default=None, description="When succeeded: as /v1/images/generations.")
+    timings: dict[str, float] | None = None
+    error: dict | None = Field(default=None, description="When failed: message, type, code, retryable.")
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]

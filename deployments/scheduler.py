@@ -190,6 +190,18 @@ class Scheduler:
 
         return sorted(waiting, key=key)
 
+    def ahead(self, job: Job) -> tuple[int, float]:
+        """For a job in the queue: how many waiting jobs the policy now puts before it (0 for a job
+        that has started stepping) and the seconds until it is done if they run first (the work of
+        those jobs and its own, as if each ran alone). What async clients see as queue position and ETA."""
+        waiting = [j for j in self.jobs if j.remaining_steps > 0]
+        if job not in waiting:
+            return 0, 0.0
+        ordered = self._order(waiting, self.clock())
+        before = ordered[: ordered.index(job)]
+        seconds = sum(self.remaining_s(j) for j in before) + self.remaining_s(job)
+        return (0 if job.first_step is not None else len(before)), seconds
+
     def next_batch(self) -> list[Job]:
         """The jobs whose next step runs together now: the policy's lead and the jobs of its
         shape that fit the budgets, in priority order. Empty when nothing waits."""

@@ -16,6 +16,7 @@ from deployments.config import AppConfig
 from deployments.denoiser import DenoisedLatents
 from deployments.metrics import StageMetrics
 from fluxray.images import encode_image
+from fluxray.preview import fit_projection
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import group_by_size
 from fluxray.vae import VAEDecoder
@@ -49,6 +50,7 @@ class VAEDecoderDeployment:
         self.largest_batch = 0  # requests in one batch
         self.largest_call = 0  # images in one VAE call
         self.metrics = StageMetrics("decode")
+        self.projection: torch.Tensor | None = None
 
     def _decode_rows(self, latents: torch.Tensor, height: int, width: int):
         """Pixels of the rows, decoded in parts of at most vae_max_batch_pixels (one image at least)."""
@@ -89,6 +91,14 @@ class VAEDecoderDeployment:
         with self.metrics.timed():
             files = await self.decode_batch((denoised.latents, request))
         return DecodedImages(files, {**denoised.timings, "decode": time.monotonic() - started})
+
+    async def preview_projection(self) -> torch.Tensor:
+        """The latent -> RGB map of this VAE for async jobs' previews (fluxray.preview), fitted with its
+        encoder on the first call, then kept."""
+        if self.projection is None:
+            loop = asyncio.get_running_loop()
+            self.projection = await loop.run_in_executor(self.executor, fit_projection, self.decoder.vae)
+        return self.projection
 
     def stats(self) -> dict:
         return {"largest_batch": self.largest_batch, "largest_call": self.largest_call}

@@ -60,6 +60,11 @@ GCS_FAULT_TOLERANCE = {
     "redisAddress": REDIS_ADDRESS,
     "redisPassword": {"valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_PASSWORD_KEY}}},
 }
+# The RayService's async jobs live in the same Redis, database 1 (the GCS keeps its tables in database 0):
+# shared by every ingress replica and kept when one dies. The password comes from the same Secret, into
+# the variable the app's job_store_password_env names (its default).
+JOB_STORE = f"redis://{REDIS_ADDRESS}/1"
+JOB_STORE_PASSWORD_ENV = "FLUXRAY_JOB_STORE_PASSWORD"
 
 
 def secret_env(name: str, secret: str, key: str, optional: bool = False) -> dict:
@@ -116,6 +121,13 @@ def resources(cpu: str, memory: str, gpus: int = 0) -> dict:
 
 def gpu_serve_config() -> str:
     return (CONFIGS / "gpu-flux-dev.yaml").read_text()
+
+
+def with_job_store(text: str) -> str:
+    """A serve config's text with its application's async jobs in the RayService's Redis."""
+    assert text.count("\n    args:\n") == 1, "a serve config's args moved: update k8s/render.py"
+    line = f"      job_store: {JOB_STORE}  # added by k8s/render.py: async jobs in the RayService's Redis\n"
+    return text.replace("\n    args:\n", "\n    args:\n" + line)
 
 
 def tiny_serve_config() -> str:
@@ -224,12 +236,14 @@ def pod(variant: Variant, container: dict, head: bool, job: bool) -> dict:
     return {"spec": spec}
 
 
-def container(variant: Variant, name: str, res: dict, readiness: dict | None = None) -> dict:
+def container(variant: Variant, name: str, res: dict, readiness: dict | None = None, job: bool = False) -> dict:
+    # The service's pods also hold the job store's password (the RayJob runs no ingress).
+    env = RAY_ENV if job else [*RAY_ENV, secret_env(JOB_STORE_PASSWORD_ENV, REDIS_SECRET, REDIS_PASSWORD_KEY)]
     return {
         "name": name,
         "image": variant.image,
         "imagePullPolicy": "IfNotPresent",
-        "env": RAY_ENV,
+        "env": env,
         "resources": res,
         **({"readinessProbe": readiness} if readiness else {}),
     }
@@ -241,7 +255,7 @@ def cluster(variant: Variant, job: bool) -> dict:
     # or a Ray Data actor: with num-cpus 0 nothing that asks for a CPU is scheduled there.
     head = {
         "rayStartParams": {"num-cpus": "0"},
-        "template": pod(variant, container(variant, "ray-head", variant.head), head=True, job=job),
+        "template": pod(variant, container(variant, "ray-head", variant.head, job=job), head=True, job=job),
     }
     low, high = (variant.job_workers, variant.job_workers) if job else variant.replicas
     readiness = None if job else SERVE_READINESS
@@ -251,7 +265,9 @@ def cluster(variant: Variant, job: bool) -> dict:
         "minReplicas": low,
         "maxReplicas": high,
         "rayStartParams": {},
-        "template": pod(variant, container(variant, "ray-worker", variant.worker, readiness), head=False, job=job),
+        "template": pod(
+            variant, container(variant, "ray-worker", variant.worker, readiness, job=job), head=False, job=job
+        ),
     }
     spec = {
         "rayVersion": RAY_VERSION,
@@ -280,7 +296,7 @@ def rayservice(variant: Variant) -> dict:
         "RayService",
         "fluxray",
         {
-            "serveConfigV2": variant.serve_config,
+            "serveConfigV2": with_job_store(variant.serve_config),
             # The head has no replica; its proxy would only add a hop.
             "excludeHeadPodFromServeSvc": True,
             # The one Service for clients: Serve's port only. The operator sets its selector to the pods

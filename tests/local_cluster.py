@@ -7,6 +7,7 @@ RAY_ADDRESS. Both reach the S3 server over HTTP with boto3.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -29,6 +30,8 @@ BIN = Path(sys.executable).parent
 GUARDED_KEYS = ("key-one-" + secrets.token_hex(8), "key-two-" + secrets.token_hex(8))
 GUARDED_AUTH = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}  # a client of the guarded app, with its key
 GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
+JOB_STORE_PASSWORD = secrets.token_hex(16)  # the "shared" app's Redis (tests/deployments/test_jobs_shared.py)
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 CLUSTER_MARKER = "FLUXRAY_TEST_CLUSTER"  # in the environment of every process a test cluster starts
 
 
@@ -78,6 +81,8 @@ class Cluster:
             # The guarded application's keys: in every process' environment, as a Secret puts them in
             # a pod's; never in a serve config or runtime_env, which Ray logs.
             "FLUXRAY_GUARDED_KEYS": ",".join(GUARDED_KEYS),
+            "FLUXRAY_JOB_STORE_PASSWORD": JOB_STORE_PASSWORD,
+            "FLUXRAY_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "PYTHONPATH": str(ROOT),
             # `ray job submit -- python ...` runs whatever `python` is on PATH: make it this venv's,
             # as it is on a cluster node (CI runs the tests without activating the venv).
@@ -103,7 +108,13 @@ class Cluster:
         }
         tight = copy.deepcopy(config["applications"][0])
         tight.update(name="tight", route_prefix="/tight")
-        tight["args"] = {**tight["args"], "request_timeout_s": 4, "max_pending_requests": 5, "retry_after_s": 7}
+        tight["args"] = {
+            **tight["args"],
+            "request_timeout_s": 4,
+            "max_pending_requests": 5,
+            "retry_after_s": 7,
+            "job_ttl_s": 3,
+        }
         tight["args"].pop("object_store")
         for deployment in tight["deployments"]:
             deployment["ray_actor_options"] = {"num_cpus": 0.1}
@@ -133,6 +144,40 @@ class Cluster:
                 deployment["ray_actor_options"] = {"num_cpus": 0.5}
         config["applications"].append(guarded)
         return config
+
+    def shared_app(self, redis_port: int) -> dict:
+        """The "shared" application: two ingress replicas with their async jobs in one Redis, and
+        webhooks to loopback allowed (its Redis password and webhook secret are in the environment)."""
+        shared = copy.deepcopy(self.config()["applications"][1])  # tight's small replicas
+        shared.update(name="shared", route_prefix="/shared")
+        shared["args"] = {
+            **self.config()["applications"][0]["args"],
+            "job_store": f"redis://127.0.0.1:{redis_port}/0",
+            "webhook_allowed_hosts": ["127.0.0.1"],
+            "webhook_backoff_s": 0.2,
+            "job_lost_after_s": 10,
+        }
+        shared["args"].pop("object_store")
+        for deployment in shared["deployments"]:
+            if deployment["name"] == "Ingress":
+                deployment["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
+            if deployment["name"] == "Denoiser":
+                deployment.update(max_ongoing_requests=16, max_queued_requests=32)
+        return shared
+
+    def deploy(self, config: dict) -> None:
+        """`serve deploy` a whole config (its applications replace the running set) and wait until each is RUNNING."""
+        path = self.tmp / f"serve-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        deployed = self.run("serve", "deploy", str(path), "--address", self.dashboard)
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        names = {app["name"] for app in config["applications"]}
+
+        def running() -> bool:
+            apps = self.status().get("applications", {})
+            return set(apps) == names and all(a["status"] == "RUNNING" for a in apps.values())
+
+        wait_until(running, 300, "serve applications", 2)
 
     def start(self) -> None:
         """The S3 server and the Ray head (no applications yet)."""

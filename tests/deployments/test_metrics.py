@@ -63,3 +63,26 @@ def test_requests_stages_batches_and_queue_are_exported(cluster):
 
     text = wait_until(counted, 90, "the unrouted request under route=other", 3)
     assert 'route="/no/such/path/12345"' not in text
+
+
+def test_async_jobs_are_counted_by_status_with_their_queue_wait(cluster):
+    def counts(text: str, status: str) -> float:
+        return sum(samples(text, "ray_fluxray_jobs_total", application="fluxray", status=status))
+
+    before = httpx.get(cluster.metrics_url, timeout=10).text
+    job = httpx.post(
+        cluster.url + "/v1/images/jobs", json={"prompt": "a metric job", "size": "64x64", "num_inference_steps": 2}
+    ).json()
+    job_path = f"/v1/images/jobs/{job['id']}"
+    wait_until(lambda: httpx.get(cluster.url + job_path).json()["status"] == "succeeded", 60, "the job", 0.2)
+
+    def scraped():
+        text = httpx.get(cluster.metrics_url, timeout=10).text
+        done = all(counts(text, s) > counts(before, s) for s in ("queued", "running", "succeeded"))
+        return text if done else None
+
+    text = wait_until(scraped, 90, "the job's metrics", 3)
+    assert sum(samples(text, "ray_fluxray_job_queue_wait_s_count", application="fluxray")) >= 1
+    # A job's routes are labelled by template, never by id.
+    assert samples(text, "ray_fluxray_requests_total", application="fluxray", route="/v1/images/jobs/{id}", code="200")
+    assert job["id"] not in text

@@ -406,3 +406,15 @@ def test_a_cluster_change_upgrades_through_a_whole_new_cluster(item):
     # and a new one, which a rolling update of the stages inside one cluster cannot promise.
     _, doc = item
     assert doc["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+
+
+@pytest.mark.parametrize("item", SERVICES, ids=name)
+def test_a_service_keeps_its_async_jobs_in_its_redis(item):
+    _, doc = item
+    (app,) = serve_config(doc)["applications"]
+    assert app["args"]["job_store"] == render.JOB_STORE and render.JOB_STORE.startswith(
+        f"redis://{render.REDIS_ADDRESS}/"
+    )
+    for template in pod_templates(doc):
+        for c in template["spec"]["containers"]:
+            assert env(c)[render.JOB_STORE_PASSWORD_ENV] == render.REDIS_SECRET
