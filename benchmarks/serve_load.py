@@ -339,6 +339,7 @@ def in_process(width: int, height: int, steps: int, images: int, threads: int | 
         torch.set_num_threads(threads)
     pipeline = Pipeline.load("tiny", device="cpu")
     pipe = pipeline.to_diffusers()
+    length = pipeline.source.spec.max_sequence_length  # the naive app's T5 length, as it serves the model
     params = [
         GenerationParams(
             prompt=PROMPTS[i % len(PROMPTS)], width=width, height=height, seed=i, num_inference_steps=steps
@@ -352,7 +353,11 @@ def in_process(width: int, height: int, steps: int, images: int, threads: int | 
     for name, one, many in (
         ("fluxray_engine", lambda i: pipeline.generate(params[i]), lambda: pipeline.generate(params)),
         # With PNG encoding, as the naive app answers.
-        ("diffusers_flux_pipeline", lambda i: generate(pipe, [bodies[i]]), lambda: generate(pipe, bodies[:8])),
+        (
+            "diffusers_flux_pipeline",
+            lambda i: generate(pipe, [bodies[i]], length),
+            lambda: generate(pipe, bodies[:8], length),
+        ),
     ):
         one(0)  # warm-up
         latencies = []
@@ -389,6 +394,15 @@ def run_levels(url: str, levels: list[int], requests: int, width: int, height: i
     return results
 
 
+def run_async_levels(url: str, levels: list[int], requests: int, width: int, height: int, steps: int) -> list[dict]:
+    results = []
+    for c in levels:
+        level = load_async(url, c, max(requests, c), width, height, steps, 1000 * c)
+        print(f"{url} async c={c}: {level}", file=sys.stderr, flush=True)
+        results.append(level)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="a running fluxray service (no naive run, no metrics)")
@@ -414,6 +428,7 @@ def main() -> None:
     naive = naive_threads = async_jobs = None
     if args.url:
         fluxray = run_levels(args.url, concurrency, args.requests, width, height, args.steps)
+        async_jobs = run_async_levels(args.url, concurrency, args.requests, width, height, args.steps)
     else:
         cluster = BenchCluster().start()
         try:
@@ -422,11 +437,7 @@ def main() -> None:
             print(f"fluxray up at {url}", file=sys.stderr, flush=True)
             fluxray = run_levels(url, concurrency, args.requests, width, height, args.steps, cluster.metrics_url)
             # The async API on the same app, right after: the same requests as jobs followed over SSE.
-            async_jobs = []
-            for c in concurrency:
-                level = load_async(url, c, max(args.requests, c), width, height, args.steps, 1000 * c)
-                print(f"{url} async c={c}: {level}", file=sys.stderr, flush=True)
-                async_jobs.append(level)
+            async_jobs = run_async_levels(url, concurrency, args.requests, width, height, args.steps)
             # The same Ray instance, fluxray's application replaced by the naive one.
             url = cluster.deploy(naive_config(model, args.naive_threads or None, config["http_options"]["port"]))
             # Until the naive app has replaced fluxray on the port, /healthz may still be fluxray's.
