@@ -184,3 +184,30 @@ def test_a_jobs_webhook_reaches_an_allowed_receiver_signed_and_retried(shared):
     ).json()
     assert main["error"]["param"] == "webhook" and "sends no webhooks" in main["error"]["message"]
     assert json.loads(receiver.received[-1][1])["data"]["id"] == job["id"]
+
+
+def test_a_job_whose_ingress_replica_died_is_failed_and_retryable(shared, cluster):
+    url, _ = shared
+    created = create(url, size="512x512", num_inference_steps=100, seed=25)
+    owner, job = created.headers["x-replica"], created.json()
+    wait_until(lambda: httpx.get(f"{url}{JOBS}/{job['id']}", timeout=10).json()["progress"]["step"] >= 1, 60, "steps")
+    cluster.driver(
+        f"ray.kill(ray.get_actor('SERVE_REPLICA::shared#Ingress#{owner}', namespace='serve'), no_restart=True)\n"
+        "print(json.dumps(True))\n"
+    )
+    # Nobody writes its heartbeat any more: once it is job_lost_after_s (10 s) old, the next reader (the
+    # other replica) fails the job, retryable; it is never run twice.
+    record = wait_until(
+        lambda: (r := httpx.get(f"{url}{JOBS}/{job['id']}", timeout=10).json()).get("status") == "failed" and r,
+        90,
+        "the lost job to be failed",
+        1,
+    )
+    assert record["error"]["code"] == "job_lost" and record["error"]["retryable"] is True
+    assert record["progress"]["step"] < 100 and record["data"] is None
+    last = httpx.get(f"{url}{JOBS}/{job['id']}", timeout=10).json()
+    assert last["status"] == "failed"  # and it stays so
+    # Serve replaces the killed replica; the application serves jobs again.
+    wait_until(lambda: cluster.status()["applications"]["shared"]["status"] == "RUNNING", 120, "the shared app", 2)
+    again = create(url, num_inference_steps=2, seed=26)
+    assert again.status_code == 202, again.text

@@ -23,16 +23,22 @@ def samples(text: str, name: str, **labels: str) -> list[float]:
 
 
 def test_requests_stages_batches_and_queue_are_exported(cluster):
+    def answered(text: str, code: str) -> float:
+        return sum(samples(text, "ray_fluxray_requests_total", application="fluxray", route=GEN, code=code))
+
+    before = httpx.get(cluster.metrics_url, timeout=10).text
     body = {"prompt": "a metric lighthouse", "size": "64x64", "num_inference_steps": 2, "n": 2}
     for _ in range(3):
         assert httpx.post(cluster.url + GEN, json=body, timeout=120).status_code == 200
     assert httpx.post(cluster.url + GEN, json={"prompt": "a", "n": 99}).status_code == 400
 
     def scraped():
+        # This test's own requests counted (earlier tests' traffic is in the counters too), and the
+        # denoiser's gauges exported since (a gauge shows only once its replica has exported it).
         text = httpx.get(cluster.metrics_url, timeout=10).text
-        ok = samples(text, "ray_fluxray_requests_total", application="fluxray", route=GEN, code="200")
-        bad = samples(text, "ray_fluxray_requests_total", application="fluxray", route=GEN, code="400")
-        return text if ok and sum(ok) >= 3 and bad and sum(bad) >= 1 else None
+        fresh = answered(text, "200") >= answered(before, "200") + 3 and answered(text, "400") > answered(before, "400")
+        gauge = samples(text, "ray_fluxray_denoiser_queue_depth", application="fluxray")
+        return text if fresh and gauge else None
 
     text = wait_until(scraped, 90, "fluxray metrics on the metrics endpoint", 3)
     assert sum(samples(text, "ray_fluxray_images_generated_total", application="fluxray")) >= 6
