@@ -197,9 +197,11 @@ class FlowData:
         self.shape = (c, h, w)
         self.img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
         self.txt_ids = torch.zeros(max_len, 3)
-        cfg = pipe.scheduler.config
+        # Noise levels are drawn around FLUX.1-dev's shift, as the shipped weights were trained (the tiny
+        # model samples with a smaller one: fluxray.specs).
+        cfg = SPECS["flux-dev"].scheduler
         self.mu = calculate_shift(
-            h * w // 4, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift
+            h * w // 4, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"]
         )
 
     def batch(self, size: int, gen: torch.Generator):
