@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -73,3 +74,75 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of two uint8 images (or stacks of them); inf when equal."""
     mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+# --- input images (edits) -------------------------------------------------------------------------
+
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class InputImageError(ValueError):
+    """An input image that cannot be used; `field` names the request field (image, mask)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def read_input_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """Decode an uploaded PNG, JPEG or WebP, checking its size from the header before any pixel is decoded
+    (a small file that declares a huge image never gets to allocate it); InputImageError otherwise."""
+    if not data:
+        raise InputImageError(field, "empty file")
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(INPUT_FORMATS))
+    except Image.UnidentifiedImageError:
+        raise InputImageError(field, f"not an image in a supported format ({', '.join(INPUT_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputImageError(field, f"undecodable image ({e})") from None
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise InputImageError(
+            field, f"{width}x{height} is {width * height} pixels, over this server's limit of {max_pixels}"
+        )
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise InputImageError(field, f"undecodable or truncated image ({e})") from None
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    return image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def mask_from_alpha(image: Image.Image) -> Image.Image | None:
+    """OpenAI's mask convention to diffusers': fully transparent pixels (alpha 0) mark the area to edit,
+    as white in an L mask (white = repaint). None when the image has no transparent pixel."""
+    if not has_alpha(image):
+        return None
+    alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    if not (alpha == 0).any():
+        return None
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")
+
+
+def edit_mask(mask: Image.Image) -> Image.Image:
+    """An uploaded mask as diffusers takes it (L, white = repaint): a mask with an alpha channel follows
+    OpenAI (transparent = edit); one without is read as diffusers' black-and-white mask."""
+    if has_alpha(mask):
+        converted = mask_from_alpha(mask)
+        if converted is None:
+            raise InputImageError("mask", "no transparent pixel: nothing to edit (transparent marks the area to edit)")
+        return converted
+    return mask.convert("L")
+
+
+def image_sha256(image: Image.Image) -> str:
+    """sha256 of an input image's pixels (mode, size and raw bytes): the same picture in another lossless
+    file hashes the same. What an edit's metadata records of its inputs (never the inputs themselves)."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()

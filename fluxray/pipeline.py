@@ -4,21 +4,23 @@ the tests, the benchmarks and the offline job. Serve deployments run the same st
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fluxray.acceleration import SpeedOptions, resolve
-from fluxray.images import encode_image, image_metadata
+from fluxray.editing import EditParams, edit_method, edit_task, prepare_edit
+from fluxray.images import encode_image, image_metadata, image_sha256
 from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.sources import ModelSource, resolve_model
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
-from fluxray.vae import VAEDecoder
+from fluxray.vae import VAEDecoder, VAEEncoder
 
 
 @dataclass
@@ -30,9 +32,10 @@ class GeneratedImage:
     index: int  # position within its request (seed = request seed + index)
     params: GenerationParams
     model: str
+    extra: dict[str, Any] = field(default_factory=dict)  # edits: the method and the inputs' sha256
 
     def metadata(self) -> dict[str, Any]:
-        return image_metadata(self.params, self.seed, self.model)
+        return {**image_metadata(self.params, self.seed, self.model), **self.extra}
 
     def encode(self, fmt: str | None = None) -> bytes:
         return encode_image(self.pixels, fmt or self.params.output_format, self.metadata())
@@ -91,6 +94,35 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    @property
+    def encoder(self) -> VAEEncoder:
+        """The VAE's encoder half, over the decoder's module (no second copy of the weights)."""
+        return VAEEncoder(self.decoder.vae)
+
+    def edit(
+        self,
+        params: EditParams,
+        image: Image.Image,
+        mask: Image.Image | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[GeneratedImage]:
+        """Edit `image` (RGB) as the model does (fluxray.editing): img2img, or inpainting where `mask` is
+        white, for base models; FLUX.1 Fill's fill; FLUX.1 Kontext's instruction edit."""
+        spec = self.source.spec
+        method = edit_method(spec, mask is not None, params.strength)
+        r = params.resolve(spec)
+        embeds = self.text_encoder.encode([r.prompt], [r.prompt_2]).to(self.device, self.dtype)
+        negative = self.text_encoder.encode([r.negative_prompt]).to(self.device, self.dtype) if r.do_true_cfg else None
+        encoded = self.encoder.encode(prepare_edit(spec, method, image, mask, r.width, r.height))
+        task = edit_task(r, embeds, negative, encoded, spec, self.device, self.dtype)
+        denoise(self.transformer, [task], r.height, r.width, on_step)
+        pixels = self.decoder.decode(task.latents, r.height, r.width).numpy()
+        extra = {"edit": method, "strength": r.strength, "image_sha256": image_sha256(image)}
+        if mask is not None:
+            extra["mask_sha256"] = image_sha256(mask)
+        seeds = r.image_seeds()
+        return [GeneratedImage(pixels[k], seed, k, r, self.source.name, extra) for k, seed in enumerate(seeds)]
 
     def generate(
         self,

@@ -119,6 +119,13 @@ class DenoiseTask:
     negative: PromptEmbeds | None = None  # n rows; true CFG when set and true_cfg_scale > 1
     true_cfg_scale: float = 1.0
     step: int = 0
+    # Editing (fluxray.editing): channels appended to every image token (FLUX.1 Fill's masked image and
+    # mask), reference tokens appended to the sequence with their position ids (FLUX.1 Kontext), and the
+    # inpainting blend that puts the re-noised input back outside the mask after every step.
+    condition: torch.Tensor | None = None  # (n, seq, C)
+    reference: torch.Tensor | None = None  # (n, ref_seq, 64)
+    reference_ids: torch.Tensor | None = None  # (ref_seq, 3)
+    blend: InpaintBlend | None = None
 
     @property
     def num_steps(self) -> int:
@@ -133,12 +140,40 @@ class DenoiseTask:
         return self.negative is not None and self.true_cfg_scale > 1.0
 
 
+@dataclass(eq=False)
+class InpaintBlend:
+    """FluxInpaintPipeline's per-step blend: after each step the latents outside the mask are replaced
+    by the input image's latents noised to the next sigma with the task's own noise (all packed)."""
+
+    image_latents: torch.Tensor  # (n, seq, 64)
+    noise: torch.Tensor  # (n, seq, 64)
+    mask: torch.Tensor  # (n, seq, 64): 1 where the model repaints
+
+    def apply(self, latents: torch.Tensor, sigma_next: torch.Tensor | None) -> torch.Tensor:
+        """sigma_next: the sigma the step reached, None after the last step (then the input itself)."""
+        proper = self.image_latents
+        if sigma_next is not None:
+            s = sigma_next.to(device=proper.device, dtype=proper.dtype)
+            proper = s * self.noise + (1.0 - s) * proper
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+def model_input(task: DenoiseTask, latents: torch.Tensor) -> torch.Tensor:
+    """The transformer's hidden states for a task's rows: its latents, with Fill's conditioning channels
+    and Kontext's reference tokens when it has them."""
+    if task.condition is not None:
+        latents = torch.cat([latents, task.condition], dim=2)
+    if task.reference is not None:
+        latents = torch.cat([latents, task.reference], dim=1)
+    return latents
+
+
 @torch.inference_mode()
 def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tensor, txt_ids: torch.Tensor) -> None:
     """Advance every unfinished task by one Euler step with one batched transformer call.
 
-    All tasks must share the image size (img_ids) and text length (txt_ids). Rows of tasks
-    using true CFG are evaluated twice in the same call, once with the negative prompt.
+    All tasks must share the image size (img_ids), text length (txt_ids) and reference size (Kontext).
+    Rows of tasks using true CFG are evaluated twice in the same call, once with the negative prompt.
     """
     active = [t for t in tasks if not t.done]
     if not active:
@@ -147,6 +182,12 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
     device = active[0].latents.device
     latents = torch.cat([t.latents for t in active])
     counts = [t.latents.shape[0] for t in active]
+    seq = latents.shape[1]
+    references = {None if t.reference_ids is None else tuple(t.reference_ids.shape) for t in active}
+    if len(references) > 1:
+        raise ValueError(f"tasks of one step must share their reference size (got {references})")
+    if active[0].reference_ids is not None:
+        img_ids = torch.cat([img_ids, active[0].reference_ids.to(img_ids)])
 
     def per_row(values: Sequence[float], which: Sequence[DenoiseTask]) -> torch.Tensor:
         rows = [v for t, v in zip(which, values) for _ in range(t.latents.shape[0])]
@@ -159,9 +200,9 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
 
     cfg_index = [i for i, t in enumerate(active) if t.uses_cfg]
     cfg = [active[i] for i in cfg_index]
-    hidden = latents
+    hidden = torch.cat([model_input(t, t.latents) for t in active])
     if cfg:
-        hidden = torch.cat([latents, *[t.latents for t in cfg]])
+        hidden = torch.cat([hidden, *[model_input(t, t.latents) for t in cfg]])
         sigma_in = torch.cat([sigma, per_row([float(t.sigmas[t.step]) for t in cfg], cfg)])
         guidance_in = torch.cat([guidance, per_row([t.guidance[t.step] for t in cfg], cfg)])
         embeds = embeds + [t.negative for t in cfg]
@@ -181,7 +222,7 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
         txt_ids=txt_ids,
         img_ids=img_ids,
         return_dict=False,
-    )[0]
+    )[0][:, :seq]
 
     if cfg:
         positive, negative_rows = velocity[: latents.shape[0]], velocity[latents.shape[0] :]
@@ -195,8 +236,10 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
     dt = (sigma_next - sigma).to(device)[:, None, None]
     updated = (latents.to(torch.float32) + dt.to(velocity.dtype) * velocity).to(velocity.dtype)
     for t, new in zip(active, updated.split(counts)):
-        t.latents = new
         t.step += 1
+        if t.blend is not None:
+            new = t.blend.apply(new, None if t.done else t.sigmas[t.step])
+        t.latents = new
 
 
 def denoise(

@@ -34,6 +34,7 @@ def bfl_transformer_config(checkpoint: dict[str, torch.Tensor], spec: ModelSpec)
     config = {
         **spec.transformer,
         "in_channels": checkpoint["img_in.weight"].shape[1],
+        "out_channels": checkpoint["final_layer.linear.weight"].shape[0],  # FLUX.1 Fill: 384 in, 64 out
         "num_layers": _count(checkpoint, "double_blocks."),
         "num_single_layers": _count(checkpoint, "single_blocks."),
         "attention_head_dim": head_dim,

@@ -31,6 +31,12 @@ from fluxray.single_file import load_bfl_transformer, load_bfl_vae
 from fluxray.specs import SPECS, ModelSpec, get_spec
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+# The embedded models, by name: the tiny model and its Fill and Kontext variants (same text encoders and VAE).
+EMBEDDED_MODELS = {
+    "tiny": TINY_MODEL_DIR,
+    "tiny-fill": TINY_MODEL_DIR.parent / "tiny_fill",
+    "tiny-kontext": TINY_MODEL_DIR.parent / "tiny_kontext",
+}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -63,23 +69,26 @@ class ModelSource:
             return f"random:{self.spec.name}"
         return self.spec.name
 
-    def weights_files(self) -> list[Path]:
-        """Every safetensors file this source's stages load (none for random weights)."""
+    def weights_files(self, transformer: bool = True) -> list[Path]:
+        """Every safetensors file this source's stages load (none for random weights); without the
+        transformer's when `transformer` is False (what FLUX.1 variants share)."""
         if self.kind == "random":
             return []
         folders = ["text_encoder", "text_encoder_2"]
         if self.kind == "diffusers":
-            folders += ["transformer", "vae"]
+            folders += ["transformer", "vae"] if transformer else ["vae"]
         files = [f for folder in folders for f in sorted((self.root / folder).glob("*.safetensors"))]
-        return files + [f for f in (self.transformer_file, self.vae_file) if f is not None]
+        singles = (self.transformer_file if transformer else None, self.vae_file)
+        return files + [f for f in singles if f is not None]
 
-    def weights_digest(self) -> str:
+    def weights_digest(self, transformer: bool = True) -> str:
         """A short digest of which weights these are: each file's name, size and safetensors header
         (tensor names, dtypes, shapes), and its first and last MiB of tensor data. Never the whole
         file (reading 30 GB to name a model would take minutes); a retrain changes every value, so
-        the sampled bytes tell two trainings of one architecture apart."""
-        digest = hashlib.sha256(f"{self.kind}:{self.spec.name}".encode())
-        for path in self.weights_files():
+        the sampled bytes tell two trainings of one architecture apart. Without the transformer: which
+        text encoders and VAE these are, which FLUX.1 variants served together must share."""
+        digest = hashlib.sha256(f"{self.kind}:{self.spec.name}".encode() if transformer else b"shared")
+        for path in self.weights_files(transformer):
             size = path.stat().st_size
             with path.open("rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
@@ -123,8 +132,14 @@ def _spec_of_diffusers_dir(root: Path, default: ModelSpec | None) -> ModelSpec:
         return get_spec(json.loads(marker.read_text())["spec"])
     if default is not None:
         return default
+    index = root / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "FluxKontextPipeline":
+        return SPECS["flux-kontext"]
     config = root / "transformer" / "config.json"
-    if config.is_file() and not json.loads(config.read_text()).get("guidance_embeds", False):
+    transformer = json.loads(config.read_text()) if config.is_file() else {}
+    if transformer.get("in_channels") == SPECS["flux-fill"].transformer["in_channels"]:
+        return SPECS["flux-fill"]
+    if config.is_file() and not transformer.get("guidance_embeds", False):
         return SPECS["flux-schnell"]
     return SPECS["flux-dev"]
 
@@ -143,6 +158,16 @@ def _hf_cache_snapshot(repo_id: str) -> Path:
         ) from e
 
 
+def _spec_of_file_name(name: str) -> ModelSpec:
+    """BFL's single files say what they are in their names: flux1-dev, flux1-schnell, flux1-fill-dev,
+    flux1-kontext-dev."""
+    name = name.lower()
+    for word, spec in (("schnell", "flux-schnell"), ("fill", "flux-fill"), ("kontext", "flux-kontext")):
+        if word in name:
+            return SPECS[spec]
+    return SPECS["flux-dev"]
+
+
 def _single_file_source(transformer_file: Path, spec: ModelSpec | None) -> ModelSource:
     if transformer_file.suffix in PICKLE_SUFFIXES:
         refuse_pickle(transformer_file)
@@ -150,7 +175,7 @@ def _single_file_source(transformer_file: Path, spec: ModelSpec | None) -> Model
     if not vae_file.is_file():
         raise ModelSourceError(f"single-file checkpoint {transformer_file} needs ae.safetensors beside it")
     if spec is None:
-        spec = SPECS["flux-schnell"] if "schnell" in transformer_file.name.lower() else SPECS["flux-dev"]
+        spec = _spec_of_file_name(transformer_file.name)
     folder = transformer_file.parent
     if (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir():
         root = folder
@@ -162,8 +187,10 @@ def _single_file_source(transformer_file: Path, spec: ModelSpec | None) -> Model
 
 def resolve_model(model: str | None = None) -> ModelSource:
     """Turn a model name, path or repo id into a ModelSource; ModelSourceError if it cannot be used."""
-    if model is None or model == "" or model == "tiny":
-        return ModelSource(spec=SPECS["tiny"], kind="diffusers", root=TINY_MODEL_DIR)
+    if model is None or model == "":
+        model = "tiny"
+    if model in EMBEDDED_MODELS:
+        return ModelSource(spec=SPECS[model], kind="diffusers", root=EMBEDDED_MODELS[model])
     if model.startswith("random:"):
         try:
             spec = get_spec(model.removeprefix("random:"))
@@ -201,7 +228,7 @@ def resolve_model(model: str | None = None) -> ModelSource:
         root = _hf_cache_snapshot(model)
         default = next((s for s in SPECS.values() if s.repo_id == model), None)
         return ModelSource(spec=_spec_of_diffusers_dir(root, default), kind="diffusers", root=root)
-    known = ", ".join(["tiny", *[s for s in SPECS if s != "tiny"], "random:<spec>"])
+    known = ", ".join([*EMBEDDED_MODELS, *[s for s in SPECS if s not in EMBEDDED_MODELS], "random:<spec>"])
     raise ModelSourceError(f"unknown model {model!r}: not a path, a repo id or one of {known}")
 
 

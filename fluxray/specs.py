@@ -7,7 +7,11 @@ FLUX.1-schnell (transformer/, vae/, text_encoder/, text_encoder_2/, scheduler/ c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# How a model edits an image (fluxray.editing): base models do img2img (inpainting with a mask), FLUX.1
+# Fill conditions on the masked image and the mask, FLUX.1 Kontext reads the image as reference tokens.
+EditKind = Literal["img2img", "fill", "kontext"]
 
 # FLUX.1-dev scheduler/scheduler_config.json: resolution-dependent ("dynamic") shift.
 _DEV_SCHEDULER = {
@@ -103,6 +107,12 @@ class ModelSpec:
     scheduler: dict[str, Any] = field(default_factory=dict)
     # The side (pixels) a request gets when it names no size: FLUX.1's 1024, less for the CPU tiny model.
     default_size: int = 1024
+    edit: EditKind = "img2img"
+    # img2img/inpaint/Fill: how far toward noise the input goes (diffusers' pipeline defaults).
+    default_strength: float = 0.6
+    # Kontext: its reference image is resized to the preferred resolution (diffusers'
+    # PREFERRED_KONTEXT_RESOLUTIONS, ~1 MP) nearest its aspect ratio, each side divided by this.
+    reference_downscale: int = 1
 
     @property
     def guidance_embeds(self) -> bool:
@@ -113,6 +123,59 @@ class ModelSpec:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
+
+# The embedded model: the FLUX.1-dev structure at tiny widths (see SPECS["tiny"]).
+_TINY_TRANSFORMER = {
+    **_FLUX_TRANSFORMER,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    # 96 wide: the image tokens are 64 wide (16 latent channels x 2 x 2), and a transformer
+    # narrower than its input cannot carry the noise through at low sigma (measured: at
+    # width 32 the flow loss stayed at ~1 for sigma 0.1 and the samples stayed noise).
+    "attention_head_dim": 32,
+    "num_attention_heads": 3,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": [8, 12, 12],
+}
+_TINY_VAE = {
+    **_FLUX_VAE,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    # Two groups, not one per channel: with 8 channels in 8 groups each GroupNorm is a
+    # per-channel instance norm, which erases the colour of a flat region (measured: a VAE
+    # trained on flat-colour scenes reached 14 dB with 8 groups, 28.6 dB with 2).
+    "norm_num_groups": 2,
+    "sample_size": 64,
+    # Measured from the trained VAE's latents (scripts/train_tiny_model.py sets them), as
+    # FLUX's own are; BFL-style single files carry no config, so the spec must hold them.
+    "scaling_factor": 1.0101,
+    "shift_factor": 0.0348,
+}
+_TINY_CLIP = {
+    **_CLIP_L,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 32,
+    "vocab_size": 814,
+}
+_TINY_T5 = {
+    **_T5_XXL,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 32,
+    "vocab_size": 703,
+}
+_TINY_SCHEDULER = {**_DEV_SCHEDULER, "base_shift": -2.0, "max_shift": -2.0}
+# FLUX.1 Fill: 64 latent channels + 64 of the masked image's latents + 256 of the mask (8x8 pixels per
+# latent, 2x2 packed) per token.
+_FILL_IN_CHANNELS = 384
 
 SPECS: dict[str, ModelSpec] = {
     "flux-dev": ModelSpec(
@@ -150,58 +213,79 @@ SPECS: dict[str, ModelSpec] = {
         default_steps=28,
         default_guidance=3.5,
         max_sequence_length=64,
-        transformer={
-            **_FLUX_TRANSFORMER,
-            "num_layers": 2,
-            "num_single_layers": 2,
-            # 96 wide: the image tokens are 64 wide (16 latent channels x 2 x 2), and a transformer
-            # narrower than its input cannot carry the noise through at low sigma (measured: at
-            # width 32 the flow loss stayed at ~1 for sigma 0.1 and the samples stayed noise).
-            "attention_head_dim": 32,
-            "num_attention_heads": 3,
-            "joint_attention_dim": 32,
-            "pooled_projection_dim": 32,
-            "axes_dims_rope": [8, 12, 12],
-        },
-        vae={
-            **_FLUX_VAE,
-            "block_out_channels": [8, 16, 16, 16],
-            "layers_per_block": 1,
-            # Two groups, not one per channel: with 8 channels in 8 groups each GroupNorm is a
-            # per-channel instance norm, which erases the colour of a flat region (measured: a VAE
-            # trained on flat-colour scenes reached 14 dB with 8 groups, 28.6 dB with 2).
-            "norm_num_groups": 2,
-            "sample_size": 64,
-            # Measured from the trained VAE's latents (scripts/train_tiny_model.py sets them), as
-            # FLUX's own are; BFL-style single files carry no config, so the spec must hold them.
-            "scaling_factor": 1.0101,
-            "shift_factor": 0.0348,
-        },
-        clip={
-            **_CLIP_L,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "projection_dim": 32,
-            "vocab_size": 814,
-        },
-        t5={
-            **_T5_XXL,
-            "d_model": 32,
-            "d_kv": 8,
-            "d_ff": 64,
-            "num_layers": 2,
-            "num_heads": 4,
-            "relative_attention_num_buckets": 8,
-            "relative_attention_max_distance": 32,
-            "vocab_size": 703,
-        },
+        transformer=_TINY_TRANSFORMER,
+        vae=_TINY_VAE,
+        clip=_TINY_CLIP,
+        t5=_TINY_T5,
         # FLUX.1-dev's scheduler with a smaller shift (e^-2 at every size): the first step goes from sigma 1
         # to ~0.78, where the trained model predicts the prompt's image well, and the rest refine. Measured
         # on the held-out prompts (benchmarks/quality.py): colour, place and shape all come out more often
         # than with dev's shift (README, "The tiny model and its world").
-        scheduler={**_DEV_SCHEDULER, "base_shift": -2.0, "max_shift": -2.0},
+        scheduler=_TINY_SCHEDULER,
+    ),
+    # FLUX.1 Fill [dev]: inpainting and outpainting with the masked image and mask as extra channels;
+    # FluxFillPipeline's defaults (50 steps, guidance 30, strength 1).
+    "flux-fill": ModelSpec(
+        name="flux-fill",
+        repo_id="black-forest-labs/FLUX.1-Fill-dev",
+        default_steps=50,
+        default_guidance=30.0,
+        max_sequence_length=512,
+        transformer={**_FLUX_TRANSFORMER, "in_channels": _FILL_IN_CHANNELS, "out_channels": 64},
+        vae=_FLUX_VAE,
+        clip=_CLIP_L,
+        t5=_T5_XXL,
+        scheduler=_DEV_SCHEDULER,
+        edit="fill",
+        default_strength=1.0,
+    ),
+    # FLUX.1 Kontext [dev]: instruction edits, the input image as reference tokens; FluxKontextPipeline's
+    # defaults (28 steps, guidance 2.5).
+    "flux-kontext": ModelSpec(
+        name="flux-kontext",
+        repo_id="black-forest-labs/FLUX.1-Kontext-dev",
+        default_steps=28,
+        default_guidance=2.5,
+        max_sequence_length=512,
+        transformer=_FLUX_TRANSFORMER,
+        vae=_FLUX_VAE,
+        clip=_CLIP_L,
+        t5=_T5_XXL,
+        scheduler=_DEV_SCHEDULER,
+        edit="kontext",
+    ),
+    # The embedded Fill and Kontext variants: the tiny model's text encoders and VAE (byte-equal files, so
+    # one app serves all three with one TextEncoder and one VAE), their own transformers
+    # (scripts/make_tiny_model.py --edit-variants). Kontext's references at 1/16 of FLUX's area.
+    "tiny-fill": ModelSpec(
+        name="tiny-fill",
+        repo_id=None,
+        default_size=256,
+        default_steps=28,
+        default_guidance=3.5,
+        max_sequence_length=64,
+        transformer={**_TINY_TRANSFORMER, "in_channels": _FILL_IN_CHANNELS, "out_channels": 64},
+        vae=_TINY_VAE,
+        clip=_TINY_CLIP,
+        t5=_TINY_T5,
+        scheduler=_TINY_SCHEDULER,
+        edit="fill",
+        default_strength=1.0,
+    ),
+    "tiny-kontext": ModelSpec(
+        name="tiny-kontext",
+        repo_id=None,
+        default_size=256,
+        default_steps=28,
+        default_guidance=3.5,
+        max_sequence_length=64,
+        transformer=_TINY_TRANSFORMER,
+        vae=_TINY_VAE,
+        clip=_TINY_CLIP,
+        t5=_TINY_T5,
+        scheduler=_TINY_SCHEDULER,
+        edit="kontext",
+        reference_downscale=4,
     ),
 }
 

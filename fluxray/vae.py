@@ -1,10 +1,12 @@
-"""VAE decoding: packed latents to 8-bit RGB pixels, as FluxPipeline's postprocess makes them."""
+"""The VAE: decoding packed latents to 8-bit RGB pixels, as FluxPipeline's postprocess makes them, and
+encoding an edit's input image to latent distributions."""
 
 from __future__ import annotations
 
 import torch
 
 from fluxray.acceleration import SpeedOptions, accelerate_vae, resolve, tile_threshold
+from fluxray.editing import EditInputs, EncodedEdit
 from fluxray.sampling import unpack_latents
 from fluxray.sources import ModelSource, load_vae
 
@@ -47,3 +49,35 @@ class VAEDecoder:
             image = self.vae.decode(latents, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
         return (image * 255).round().to(torch.uint8)
+
+
+class VAEEncoder:
+    """The FLUX autoencoder's encoder half: an edit's input pixels to latent distributions (fluxray.editing)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        speed: SpeedOptions | None = None,
+    ) -> VAEEncoder:
+        resolved = resolve(speed, device, "vae")
+        return cls(accelerate_vae(load_vae(source, device, dtype), resolved))
+
+    @torch.inference_mode()
+    def moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 32, H/8, W/8): each latent's mean and log-variance, on the CPU."""
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        return self.vae.encode(pixels, return_dict=False)[0].parameters.cpu()
+
+    def encode(self, inputs: EditInputs) -> EncodedEdit:
+        """The edit's input (and, for FLUX.1 Fill, its masked input) through the encoder."""
+        pixels = inputs.image if inputs.masked_image is None else torch.cat([inputs.image, inputs.masked_image])
+        moments = self.moments(pixels)
+        masked = moments[1:] if inputs.masked_image is not None else None
+        mask = None if inputs.mask is None else inputs.mask.cpu()
+        return EncodedEdit(inputs.method, moments[:1], mask, masked)

@@ -1,6 +1,8 @@
-"""The embedded tiny FLUX model before training (diffusers layout): where scripts/train_tiny_model.py starts.
+"""The embedded tiny FLUX model before training (diffusers layout): where scripts/train_tiny_model.py starts;
+and its editing variants, made from the shipped (trained) model.
 
     python scripts/make_tiny_model.py --out DIR
+    python scripts/make_tiny_model.py --edit-variants     # writes fluxray/tiny_fill and fluxray/tiny_kontext
 
 Real FLUX.1 architecture classes at tiny widths (fluxray.specs.SPECS["tiny"]), fixed-seed random
 weights, and small tokenizers trained here on a fixed corpus (which includes the words of the
@@ -26,7 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
+from fluxray.sources import EMBEDDED_MODELS, TINY_MODEL_DIR  # noqa: E402
 from fluxray.specs import SPECS  # noqa: E402
 
 CORPUS = """
@@ -190,10 +192,64 @@ def save(pipe: FluxPipeline, out: Path) -> None:
     print(f"wrote {out} ({size / 1e6:.2f} MB)")
 
 
+# The Fill variant's extra input channels (masked image latents and mask) start from this much noise, so
+# the conditioning visibly steers the output (the parity tests need it to) without drowning the
+# trained weights that read the latents.
+FILL_CONDITION_STD = 0.05
+VARIANT_PIPELINES = {"tiny-fill": "FluxFillPipeline", "tiny-kontext": "FluxKontextPipeline"}
+
+
+def variant_transformer(name: str) -> FluxTransformer2DModel:
+    """The variant's transformer from the shipped tiny one: Kontext has the same architecture and starts
+    from the same weights (BFL's Kontext is FLUX.1-dev fine-tuned); Fill's input projection grows from
+    64 to 384 channels, the new columns fixed-seed random."""
+    base = FluxTransformer2DModel.from_pretrained(TINY_MODEL_DIR / "transformer", local_files_only=True)
+    variant = FluxTransformer2DModel(**SPECS[name].transformer)  # a fresh config: no path of origin in it
+    state = base.state_dict()
+    old = state["x_embedder.weight"]
+    if variant.config.in_channels > old.shape[1]:
+        generator = torch.Generator().manual_seed(0)
+        extra = torch.randn(old.shape[0], variant.config.in_channels - old.shape[1], generator=generator)
+        state["x_embedder.weight"] = torch.cat([old, extra * FILL_CONDITION_STD], dim=1)
+    variant.load_state_dict(state)
+    return variant
+
+
+def save_variant(name: str, out: Path) -> None:
+    """A variant in diffusers layout: the tiny model's text encoders, tokenizers, VAE and scheduler
+    (copied byte for byte: one app serves all the variants with one TextEncoder and one VAE) and its own
+    transformer."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for folder in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"):
+        shutil.copytree(TINY_MODEL_DIR / folder, out / folder)
+    variant_transformer(name).save_pretrained(out / "transformer", safe_serialization=True)
+    index = json.loads((TINY_MODEL_DIR / "model_index.json").read_text())
+    index["_class_name"] = VARIANT_PIPELINES[name]
+    if name == "tiny-fill":  # FluxFillPipeline takes no image encoder
+        index.pop("image_encoder", None)
+        index.pop("feature_extractor", None)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "fluxray_spec.json").write_text(json.dumps({"spec": name}) + "\n")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="write the untrained tiny FLUX model (the start of training)")
-    parser.add_argument("--out", type=Path, required=True, help="where to write it (not the shipped model)")
-    out = parser.parse_args().out
+    parser.add_argument("--out", type=Path, help="where to write it (not the shipped model)")
+    parser.add_argument(
+        "--edit-variants", action="store_true", help="write tiny-fill and tiny-kontext from the shipped tiny model"
+    )
+    args = parser.parse_args()
+    if args.edit_variants:
+        for name in VARIANT_PIPELINES:
+            save_variant(name, EMBEDDED_MODELS[name])
+        return
+    out = args.out
+    if out is None:
+        parser.error("--out is required (or --edit-variants)")
     if out.resolve() == TINY_MODEL_DIR.resolve():
         raise SystemExit(f"refusing to overwrite the trained model in {TINY_MODEL_DIR}: make tiny-model retrains it")
     save(build_pipeline(), out)

@@ -136,10 +136,13 @@ def test_mistakes_in_a_real_process(tmp_path):
 def test_models_and_model_path():
     models = fluxray("models")
     assert models.returncode == 0
-    assert [line.split()[0] for line in models.stdout.splitlines()] == ["flux-dev", "flux-schnell", "tiny"]
-    assert "black-forest-labs/FLUX.1-dev" in models.stdout
+    names = [line.split()[0] for line in models.stdout.splitlines()]
+    assert names == ["flux-dev", "flux-schnell", "tiny", "flux-fill", "flux-kontext", "tiny-fill", "tiny-kontext"]
+    assert "black-forest-labs/FLUX.1-dev" in models.stdout and "black-forest-labs/FLUX.1-Fill-dev" in models.stdout
     path = fluxray("model-path", "tiny")
     assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR)
+    path = fluxray("model-path", "tiny-kontext")
+    assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR.parent / "tiny_kontext")
 
 
 def test_a_prompt_longer_than_clip_reads_is_warned_about(tmp_path, capsys):

@@ -125,3 +125,31 @@ def test_model_path_loads_in_flux_pipeline_offline(tiny_pipeline, diffusers_pipe
     import numpy as np
 
     assert max_pixel_diff(tiny_pipeline.generate(params)[0].pixels, np.asarray(out)) <= 2
+
+
+def test_fill_and_kontext_are_recognised_by_their_files(tmp_path):
+    """A diffusers directory says Fill by its transformer's 384 input channels and Kontext by its pipeline
+    class; BFL single files by their names. The embedded variants resolve by name."""
+    import json
+
+    from fluxray.sources import EMBEDDED_MODELS
+    from fluxray.specs import SPECS
+
+    for name in ("tiny-fill", "tiny-kontext"):
+        assert resolve_model(name).spec.name == name and resolve_model(name).root == EMBEDDED_MODELS[name]
+    fill = tmp_path / "fill"
+    shutil.copytree(EMBEDDED_MODELS["tiny-fill"], fill)
+    (fill / "fluxray_spec.json").unlink()
+    assert resolve_model(str(fill)).spec.name == "flux-fill"
+    kontext = tmp_path / "kontext"
+    shutil.copytree(EMBEDDED_MODELS["tiny-kontext"], kontext)
+    (kontext / "fluxray_spec.json").unlink()
+    assert resolve_model(str(kontext)).spec.name == "flux-kontext"
+    index = json.loads((kontext / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxKontextPipeline"
+    from fluxray.sources import _spec_of_file_name
+
+    assert _spec_of_file_name("flux1-fill-dev.safetensors") is SPECS["flux-fill"]
+    assert _spec_of_file_name("flux1-kontext-dev.safetensors") is SPECS["flux-kontext"]
+    assert _spec_of_file_name("flux1-schnell.safetensors") is SPECS["flux-schnell"]
+    assert _spec_of_file_name("flux1-dev.safetensors") is SPECS["flux-dev"]

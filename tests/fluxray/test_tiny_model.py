@@ -77,3 +77,38 @@ def test_real_flux_structure():
     vae = json.loads((TINY_MODEL_DIR / "vae" / "config.json").read_text())
     assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # 8x downsampling
     assert not list(TINY_MODEL_DIR.rglob("*.bin"))
+
+
+def test_edit_variants_are_what_the_script_makes_and_share_the_frozen_parts(tmp_path):
+    """tiny-fill and tiny-kontext: remade byte for byte from the shipped tiny model, with its text
+    encoders, tokenizers and VAE as they are (one app serves all three with one TextEncoder and VAE)."""
+    from diffusers import FluxFillPipeline, FluxKontextPipeline
+
+    from fluxray.sources import EMBEDDED_MODELS
+
+    shipped = {name: files(EMBEDDED_MODELS[name]) for name in ("tiny-fill", "tiny-kontext")}
+    copy = tmp_path / "fluxray"
+    import shutil
+
+    shutil.copytree(ROOT / "fluxray", copy, ignore=shutil.ignore_patterns("tiny_fill", "tiny_kontext", "__pycache__"))
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "make_tiny_model.py", tmp_path / "scripts")
+    result = subprocess.run(
+        [sys.executable, "scripts/make_tiny_model.py", "--edit-variants"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    base = files(TINY_MODEL_DIR)
+    for name, folder in (("tiny-fill", "tiny_fill"), ("tiny-kontext", "tiny_kontext")):
+        assert files(copy / folder) == shipped[name], name
+        for rel, data in shipped[name].items():
+            if rel.parts[0] in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
+                assert data == base[rel], (name, rel)
+        assert sum(len(b) for b in shipped[name].values()) <= 6 * 2**20
+    fill = FluxFillPipeline.from_pretrained(EMBEDDED_MODELS["tiny-fill"], local_files_only=True)
+    assert fill.transformer.config.in_channels == 384 and fill.transformer.config.out_channels == 64
+    kontext = FluxKontextPipeline.from_pretrained(EMBEDDED_MODELS["tiny-kontext"], local_files_only=True)
+    assert kontext.transformer.config.in_channels == 64
