@@ -68,7 +68,7 @@ class AsyncJobs:
         self,
         store: JobStore,
         encoder: DeploymentHandle,
-        denoiser: DeploymentHandle,
+        denoisers: dict[str, DeploymentHandle],
         vae: DeploymentHandle,
         *,
         model_name: str,
@@ -83,7 +83,7 @@ class AsyncJobs:
         on_status: Callable[[str], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
     ):
-        self.store, self.encoder, self.denoiser, self.vae = store, encoder, denoiser, vae
+        self.store, self.encoder, self.denoisers, self.vae = store, encoder, denoisers, vae  # a Denoiser per model
         self.writer = Patient(store, lost_after_s / 2)  # a running job's own writes wait out a store restart
         self.model_name, self.retries, self.retry_after_s = model_name, retries, retry_after_s
         self.max_queued_jobs, self.preview_every = max_queued_jobs, preview_every
@@ -105,6 +105,7 @@ class AsyncJobs:
         preview: bool,
         webhook: str | None = None,
         webhook_events: list[str] | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Makes the job's record, starts it, and returns its record once the Denoiser has placed it
         in its queue (or after FIRST_POSITION_WAIT_S, with no position yet). The webhook, if any, was
@@ -122,7 +123,7 @@ class AsyncJobs:
             "id": job_id,
             "object": "image.generation.job",
             "status": "queued",
-            "model": self.model_name,
+            "model": model or self.model_name,
             "created_at": now,
             "started_at": None,
             "finished_at": None,
@@ -144,7 +145,8 @@ class AsyncJobs:
             self.targets[job_id] = (webhook, tuple(record["webhook_events"]))
         self.on_status("queued")
         placed = asyncio.Event()
-        self.tasks[job_id] = asyncio.create_task(self._run(job_id, params, request, preview, placed))
+        run = self._run(job_id, params, request, preview, placed, model or self.model_name)
+        self.tasks[job_id] = asyncio.create_task(run)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(placed.wait(), FIRST_POSITION_WAIT_S)
         return public(await self.get(job_id))
@@ -202,9 +204,9 @@ class AsyncJobs:
             self.webhooks.send(target[0], job_id, event_id, event, public(record))
 
     async def _run(
-        self, job_id: str, params: GenerationParams, request: dict, preview: bool, placed: asyncio.Event
+        self, job_id: str, params: GenerationParams, request: dict, preview: bool, placed: asyncio.Event, model: str
     ) -> None:
-        work = asyncio.create_task(self._work(job_id, params, request, preview, placed))
+        work = asyncio.create_task(self._work(job_id, params, request, preview, placed, model))
         watcher = asyncio.create_task(self._watch(job_id, work))
         try:
             await work
@@ -236,14 +238,14 @@ class AsyncJobs:
             await asyncio.sleep(CANCEL_POLL_S)
 
     async def _work(
-        self, job_id: str, params: GenerationParams, request: dict, preview: bool, placed: asyncio.Event
+        self, job_id: str, params: GenerationParams, request: dict, preview: bool, placed: asyncio.Event, model: str
     ) -> None:
         negative = params.negative_prompt if params.do_true_cfg else None
         every = self.preview_every if preview else 0
         attempt = 0
         while True:
             try:
-                denoised = await self._denoise(job_id, params, negative, every, placed)
+                denoised = await self._denoise(job_id, params, negative, every, placed, model)
                 break
             except asyncio.CancelledError:
                 raise
@@ -255,7 +257,7 @@ class AsyncJobs:
                     raise
                 attempt += 1
                 logger.warning("stage replica lost under job %s; running it again", job_id)
-        metadata = [image_metadata(params, seed, self.model_name) for seed in params.image_seeds()]
+        metadata = [image_metadata(params, seed, model) for seed in params.image_seeds()]
         decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
         decoded = await self.vae.decode.remote(denoised, decode)
         size = sum(len(f) for f in decoded.files) * 4 // 3
@@ -270,9 +272,9 @@ class AsyncJobs:
         timings = {k: round(v * 1000, 1) for k, v in decoded.timings.items()}
         await self._end(job_id, "succeeded", data=data, timings=timings)
 
-    async def _denoise(self, job_id, params, negative, every, placed: asyncio.Event):
+    async def _denoise(self, job_id, params, negative, every, placed: asyncio.Event, model: str):
         encoded = self.encoder.encode.remote(params.prompt, params.prompt_2, negative)
-        stream = self.denoiser.options(stream=True).denoise_stream.remote(encoded, params, every, True)
+        stream = self.denoisers[model].options(stream=True).denoise_stream.remote(encoded, params, every, True)
         try:
             async for event in stream:
                 kind = event["event"]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES
+from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from fluxray.acceleration import SpeedOptions
 from fluxray.params import MAX_PROMPT_CHARS, parse_size
 
@@ -35,6 +35,13 @@ class AppConfig(BaseModel):
     model: str = Field(default="tiny", description="Model source: tiny, flux-dev, a path, a repo id, random:<spec>.")
     served_model_name: str | None = Field(
         default=None, description="Name clients use in `model`; the spec's name (tiny, flux-dev, ...) when unset."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="More models served beside `model` (e.g. flux-kontext, flux-fill), each named by its spec and "
+        "run by a Denoiser deployment of its own (Denoiser-<name>); they share `model`'s TextEncoder and VAE, so "
+        "their text encoders and VAE must be the same weights. A request picks one with `model`.",
     )
     device: str = Field(default="auto", description="auto (CUDA when the replica has a GPU), cpu, cuda.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -106,11 +113,22 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(
         default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted; beyond it, 413."
     )
+    max_upload_bytes: int = Field(
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        ge=1024,
+        description="Largest body of a request that carries images (/v1/images/edits); beyond it, 413.",
+    )
     max_prompt_chars: int = Field(
         default=MAX_PROMPT_CHARS,
         ge=1,
         le=MAX_PROMPT_CHARS,
         description="Longest prompt, prompt_2 or negative_prompt accepted, in characters; beyond it, 422.",
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Largest input image (or mask) of an edit, in pixels, read from its header before it is "
+        "decoded; beyond it, 422.",
     )
     max_pixel_steps: int = Field(
         default=4 * 1024 * 1024 * 50,
@@ -197,3 +215,30 @@ def tuned(config: AppConfig, user_config: dict | None) -> AppConfig:
             f"the Denoiser's user_config takes {', '.join(DENOISER_TUNABLE)}; not {', '.join(map(str, unknown))}"
         )
     return AppConfig.model_validate({**config.model_dump(), **user_config})
+
+
+def served_models(config: AppConfig) -> dict[str, str]:
+    """The app's models by the name clients use: `model` first (under served_model_name when set), then
+    `models`. ValueError when two share a name, or when one cannot share the first's text encoders and
+    VAE (another architecture or T5 length, or other weights)."""
+    from fluxray.sources import resolve_model
+
+    first = resolve_model(config.model)
+    served = {config.served_model_name or first.name: config.model}
+    for model in config.models:
+        source = resolve_model(model)
+        if source.name in served:
+            raise ValueError(f"models: {source.name!r} is served twice")
+        a, b = first.spec, source.spec
+        if (a.clip, a.t5, a.vae, a.max_sequence_length) != (b.clip, b.t5, b.vae, b.max_sequence_length):
+            raise ValueError(
+                f"models: {source.name} cannot share {first.name}'s text encoders and VAE (other architecture or "
+                f"T5 length: {b.max_sequence_length} vs {a.max_sequence_length}); serve it in an app of its own"
+            )
+        if source.weights_digest(transformer=False) != first.weights_digest(transformer=False):
+            raise ValueError(
+                f"models: {source.name}'s text encoder or VAE weights differ from {first.name}'s; serve it in an "
+                "app of its own"
+            )
+        served[source.name] = model
+    return served

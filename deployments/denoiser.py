@@ -29,6 +29,7 @@ from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
 from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
+from fluxray.editing import EncodedEdit, edit_task
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -109,13 +110,21 @@ class DenoiserDeployment:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def denoise(self, encoded: EncodedPrompt, params: GenerationParams) -> DenoisedLatents:
-        """Denoise a resolved request's n images; returns their packed latents on the CPU."""
-        jobs = self._submit(encoded, params)
-        return await self._finish(jobs, encoded)
+    async def denoise(
+        self, encoded: EncodedPrompt, params: GenerationParams, edit: EncodedEdit | None = None
+    ) -> DenoisedLatents:
+        """Denoise a resolved request's n images; returns their packed latents on the CPU. An edit
+        (fluxray.editing.EditParams) comes with its input from the VAEEncoder."""
+        jobs = self._submit(encoded, params, edit=edit)
+        return await self._finish(jobs, encoded, edit)
 
     async def denoise_stream(
-        self, encoded: EncodedPrompt, params: GenerationParams, preview_every: int = 0, queue: bool = False
+        self,
+        encoded: EncodedPrompt,
+        params: GenerationParams,
+        preview_every: int = 0,
+        queue: bool = False,
+        edit: EncodedEdit | None = None,
     ):
         """The same denoising as `denoise`, streamed (a Serve streaming call) for async jobs: dicts with
         an "event" key, from this replica's step loop:
@@ -130,8 +139,8 @@ class DenoiserDeployment:
         `queue`: admit the request however long it would wait (async jobs wait by design; their
         number is bounded at the ingress), instead of refusing it past max_queue_wait_s."""
         watch: asyncio.Queue = asyncio.Queue()
-        jobs = self._submit(encoded, params, watch, queue)
-        finished = asyncio.ensure_future(self._finish(jobs, encoded))
+        jobs = self._submit(encoded, params, watch, queue, edit)
+        finished = asyncio.ensure_future(self._finish(jobs, encoded, edit))
         position, eta = self._ahead(jobs)
         last_position, started, last_step = position, False, 0
         try:
@@ -153,9 +162,9 @@ class DenoiserDeployment:
                     yield {"event": "started"}
                 if step > last_step:
                     last_step = step
-                    event = {"event": "progress", "step": step, "steps": params.num_inference_steps}
+                    event = {"event": "progress", "step": step, "steps": jobs[0].steps}
                     event["eta_s"] = round(self._ahead(jobs)[1], 2)
-                    if preview_every and (step % preview_every == 0 or step == params.num_inference_steps):
+                    if preview_every and (step % preview_every == 0 or step == jobs[0].steps):
                         event["preview"] = preview_latents(
                             jobs[0].payload.task.latents, params.height, params.width, self.source.spec.vae_scale_factor
                         )
@@ -174,7 +183,12 @@ class DenoiserDeployment:
         return min(p for p, _ in ahead), max(s for _, s in ahead)
 
     def _submit(
-        self, encoded: EncodedPrompt, params: GenerationParams, watch: asyncio.Queue | None = None, queue: bool = False
+        self,
+        encoded: EncodedPrompt,
+        params: GenerationParams,
+        watch: asyncio.Queue | None = None,
+        queue: bool = False,
+        edit: EncodedEdit | None = None,
     ):
         """The request's jobs, in the scheduler (QueueFull if it would wait too long)."""
         if self.unhealthy:
@@ -184,11 +198,13 @@ class DenoiserDeployment:
             self.wakeup = asyncio.Event()
             self.loop_task = loop.create_task(self._run())
         shape = (params.height, params.width, encoded.embeds.sequence.shape[1])
+        if edit is not None and edit.reference_shape is not None:
+            shape += edit.reference_shape  # Kontext: its reference tokens are part of every row
         per_image = 2 if encoded.negative is not None and params.do_true_cfg else 1
         parts = split_images(
             params.n, per_image, shape, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images
         )
-        steps = params.num_inference_steps
+        steps = params.num_inference_steps - (params.start_step() if edit is not None else 0)
         if not self.scheduler.jobs:
             self.last_progress = time.monotonic()  # the clock of stuck_after_s starts with work
         elif not queue:
@@ -199,7 +215,12 @@ class DenoiserDeployment:
         jobs, offset = [], 0
         for images in parts:
             part = params if len(parts) == 1 else params.model_copy(update={"n": images, "seed": params.seed + offset})
-            task = denoise_task(part, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
+            if edit is None:
+                task = denoise_task(part, encoded.embeds, encoded.negative, self.source.spec, self.device, self.dtype)
+            else:
+                task = edit_task(
+                    part, encoded.embeds, encoded.negative, edit, self.source.spec, self.device, self.dtype
+                )
             work = _Work(task, loop.create_future(), watch=watch)
             jobs.append(self.scheduler.add(Job(shape, images * per_image, images, steps, payload=work)))
             offset += images
@@ -207,7 +228,9 @@ class DenoiserDeployment:
         self.wakeup.set()
         return jobs
 
-    async def _finish(self, jobs: list[Job], encoded: EncodedPrompt) -> DenoisedLatents:
+    async def _finish(
+        self, jobs: list[Job], encoded: EncodedPrompt, edit: EncodedEdit | None = None
+    ) -> DenoisedLatents:
         """Waits for the request's jobs; their latents, in order, and its timings."""
         try:
             latents = torch.cat(await asyncio.gather(*[job.payload.future for job in jobs]))
@@ -223,7 +246,10 @@ class DenoiserDeployment:
         self.metrics.queue_wait.observe(queue)
         for job in jobs:
             self.metrics.slowdown.observe(self.scheduler.slowdown(job))
-        return DenoisedLatents(latents, {"encode": encoded.encode_s, "queue": queue, "denoise": denoise})
+        timings = {"encode": encoded.encode_s, "queue": queue, "denoise": denoise}
+        if edit is not None:
+            timings["encode_image"] = edit.encode_s
+        return DenoisedLatents(latents, timings)
 
     # --- the step loop ---------------------------------------------------------------------------
 
@@ -238,7 +264,7 @@ class DenoiserDeployment:
 
     async def _step(self, batch: list[Job]) -> float:
         """One transformer call over the batch's tasks, in the worker thread; its seconds."""
-        height, width, text = batch[0].shape
+        height, width, text = batch[0].shape[:3]
         img, txt = self._ids(height, width, text)
         started = time.monotonic()
         tasks = [job.payload.task for job in batch]

@@ -75,6 +75,8 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 2**20
+UPLOAD_PATHS = frozenset({"/v1/images/edits"})  # bodies that carry images: max_upload_bytes
 
 
 @dataclass
@@ -82,6 +84,10 @@ class GuardPolicy:
     keys: ApiKeys = field(default_factory=ApiKeys.from_env)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     on_answer: Callable[[str, int, float], None] | None = None  # (path, status, seconds) of every answer
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+
+    def body_limit(self, path: str) -> int:
+        return self.max_upload_bytes if path in UPLOAD_PATHS else self.max_body_bytes
 
 
 class RequestGuard:
@@ -120,15 +126,16 @@ class RequestGuard:
             )
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        limit = policy.body_limit(path)
         too_large = error_body(
-            f"request body is larger than the server's limit of {policy.max_body_bytes} bytes",
+            f"request body is larger than the server's limit of {limit} bytes",
             "invalid_request_error",
             code="request_too_large",
         )
         declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
             return await self._reject(send, 400, error_body("invalid Content-Length header", "invalid_request_error"))
-        if declared is not None and int(declared) > policy.max_body_bytes:
+        if declared is not None and int(declared) > limit:
             return await self._reject(send, 413, too_large)
         body, more = bytearray(), True
         while more:
@@ -137,7 +144,7 @@ class RequestGuard:
                 return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > policy.max_body_bytes:
+            if len(body) > limit:
                 return await self._reject(send, 413, too_large)
         replayed = False
 

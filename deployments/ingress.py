@@ -1,6 +1,7 @@
-"""The HTTP ingress: OpenAI Images API routes over the TextEncoder -> Denoiser -> VAEDecoder graph.
+"""The HTTP ingress: OpenAI Images API routes over the TextEncoder -> Denoiser -> VAEDecoder graph, with
+a VAEEncoder for edits and a Denoiser per served model (the request's `model` picks it).
 
-The ingress validates, then chains the three stages' DeploymentResponses, so embeddings and
+The ingress validates, then chains the stages' DeploymentResponses, so embeddings and
 latents travel from replica to replica through Ray's object store and never through here.
 (No `from __future__ import annotations` here: FastAPI must see the real types of the routes'
 parameters through Serve's method wrappers.)
@@ -25,7 +26,8 @@ from ray.serve.handle import DeploymentHandle
 
 import fluxray
 from deployments.async_jobs import TERMINAL, AsyncJobs, public
-from deployments.config import AppConfig
+from deployments.config import AppConfig, served_models
+from deployments.edit_body import read_edit_body
 from deployments.errors import ERRORS, APIError, install_error_handlers
 from deployments.graph_runner import GraphRunner
 from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
@@ -34,7 +36,9 @@ from deployments.metrics import IngressMetrics
 from deployments.object_store import ObjectStore
 from deployments.protocol import (
     PARAM_OF_FIELD,
+    ErrorResponse,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImageJob,
     ImageJobRequest,
@@ -46,18 +50,29 @@ from deployments.protocol import (
 from deployments.scheduler import tokens
 from deployments.vae_decoder import DecodedImages, DecodeRequest
 from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
-from fluxray.images import MEDIA_TYPES, image_metadata
-from fluxray.params import GenerationParams, describe_validation_error
+from fluxray.editing import EditError, EditInputs, EditParams, default_size, edit_method, fit_size, prepare_edit
+from fluxray.images import (
+    MEDIA_TYPES,
+    InputImageError,
+    edit_mask,
+    image_metadata,
+    image_sha256,
+    mask_from_alpha,
+    read_input_image,
+)
+from fluxray.params import GenerationParams, describe_validation_error, parse_size
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import PromptLength
 
 SEED_HEADER = "X-Seed"
 TIMING_HEADER = "Server-Timing"  # W3C Server Timing: queue, encode, denoise, decode, total (ms)
-TIMING_ORDER = ("queue", "encode", "denoise", "decode", "total")
+TIMING_ORDER = ("queue", "encode", "encode_image", "denoise", "decode", "total")
 TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start of the prompt
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
-ROUTES = frozenset({"/v1/images/generations", "/generate", "/v1/models", "/healthz", "/v1/images/jobs", "/"})
+ROUTES = frozenset(
+    {"/v1/images/generations", "/v1/images/edits", "/generate", "/v1/models", "/healthz", "/v1/images/jobs", "/"}
+)
 JOB_PATH = re.compile(r"^/v1/images/jobs/[^/]+(/events)?$")  # labelled by template, not by id
 JOB_ID = re.compile(r"^imgjob_[0-9a-f]{24}$")
 SSE_KEEPALIVE_S = 15.0
@@ -81,6 +96,35 @@ def sse(event: dict) -> str:
 
 
 logger = logging.getLogger("ray.serve")
+
+# /v1/images/edits reads its body itself (multipart or JSON: deployments.edit_body); its schema for the
+# OpenAPI document, as OpenAI documents the route.
+_EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG whose transparent pixels mark the area to edit (without alpha: white = edit).",
+        },
+        **{
+            name: schema
+            for name, schema in ImageEditRequest.model_json_schema()["properties"].items()
+            if name not in ("image", "mask")
+        },
+    },
+}
+EDIT_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _EDIT_FORM},
+            "application/json": {"schema": ImageEditRequest.model_json_schema()},
+        },
+    }
+}
 
 
 def timings_ms(seconds: dict[str, float]) -> dict[str, float]:
@@ -109,13 +153,22 @@ API_KEY = [Security(HTTPBearer(auto_error=False, description="One of FLUXRAY_API
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, encoder: DeploymentHandle, denoiser: DeploymentHandle, vae: DeploymentHandle):
+    def __init__(
+        self,
+        config: dict,
+        encoder: DeploymentHandle,
+        denoisers: list[DeploymentHandle],
+        vae: DeploymentHandle,
+        vae_encoder: DeploymentHandle,
+    ):
         self.config = AppConfig.model_validate(config)
-        source = resolve_model(self.config.model)  # resolves the source; loads no weights
-        self.spec = source.spec
+        served = served_models(self.config)  # resolves the sources; loads no weights
+        self.specs = {name: resolve_model(model).spec for name, model in served.items()}
+        source = resolve_model(self.config.model)
         self.prompt_length = PromptLength.load(source)  # the tokenizers only: a few MB, no model
-        self.model_name = self.config.served_model_name or source.name
-        self.encoder, self.denoiser, self.vae = encoder, denoiser, vae
+        self.model_name = next(iter(served))  # the default model
+        denoisers = dict(zip(served, denoisers))  # the models' Denoisers, in the order build_app bound them
+        self.encoder, self.denoisers, self.vae, self.vae_encoder = encoder, denoisers, vae, vae_encoder
         self.store = ObjectStore(self.config.object_store) if self.config.object_store else None
         self.started = int(time.time())
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -143,7 +196,7 @@ class Ingress:
         self.jobs = AsyncJobs(
             store,
             encoder,
-            denoiser,
+            denoisers,
             vae,
             model_name=self.model_name,
             retries=self.config.stage_retries,
@@ -164,14 +217,23 @@ class Ingress:
     def _answered(self, path: str, status: int, seconds: float) -> None:
         self.metrics.answered(route_label(path), status, seconds)
 
-    def _params(self, request: ImageGenerationRequest) -> GenerationParams:
-        if request.model not in (None, self.model_name):
+    def _model(self, requested: str | None) -> str:
+        """The served model a request names (the default when it names none); 404 for any other."""
+        if requested is None:
+            return self.model_name
+        if requested not in self.specs:
+            served = ", ".join(repr(name) for name in self.specs)
             raise APIError(
-                404,
-                f"model: unknown model {request.model!r}; this server serves {self.model_name!r}",
-                "model",
-                "model_not_found",
+                404, f"model: unknown model {requested!r}; this server serves {served}", "model", "model_not_found"
             )
+        return requested
+
+    def _params(
+        self, request: ImageGenerationRequest, model: str, size: str | None = None, kind: type = GenerationParams
+    ) -> GenerationParams:
+        """The request's resolved params for `model`; `size` in place of the request's own when given
+        (an edit's default size comes from its image), `kind` EditParams for an edit."""
+        spec = self.specs[model]
         if request.response_format == "url" and self.store is None:
             raise APIError(
                 400,
@@ -186,7 +248,10 @@ class Ingress:
                     422, f"{name}: {len(text)} characters; this server takes at most {limit}", name, code="too_long"
                 )
         try:
-            params = to_generation_params(request, self.config.default_size).resolve(self.spec)
+            fields = to_generation_params(request, self.config.default_size, size).model_dump(exclude_unset=True)
+            if kind is EditParams:
+                fields["strength"] = request.strength
+            params = kind(**fields).resolve(spec)
         except ValidationError as error:
             param = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else None
             message = describe_validation_error(error, PARAM_OF_FIELD)
@@ -205,7 +270,7 @@ class Ingress:
                 code="pixel_budget_exceeded",
             )
         rows = 2 if params.do_true_cfg else 1
-        per_image = rows * tokens((params.height, params.width, self.spec.max_sequence_length))
+        per_image = rows * tokens((params.height, params.width, spec.max_sequence_length))
         if per_image > self.config.denoiser_max_batch_tokens:
             raise APIError(
                 422,
@@ -217,19 +282,27 @@ class Ingress:
             )
         return params
 
-    async def _generate(self, params: GenerationParams) -> DecodedImages:
+    async def _generate(
+        self, params: GenerationParams, model: str, edit: EditInputs | None = None, extra: dict | None = None
+    ) -> DecodedImages:
         """Run the graph for one resolved request (rules: deployments.graph_runner); the image files
-        and the request's timings."""
+        and the request's timings. An edit's inputs go through the VAEEncoder; `extra` joins each image's
+        metadata."""
         started = time.monotonic()
         negative = params.negative_prompt if params.do_true_cfg else None
-        metadata = [image_metadata(params, seed, self.model_name) for seed in params.image_seeds()]
+        metadata = [{**image_metadata(params, seed, model), **(extra or {})} for seed in params.image_seeds()]
         decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
+        denoiser = self.denoisers[model]
 
         def launch():
             # Each stage's response goes straight into the next: tensors move replica to replica.
             encoded = self.encoder.encode.remote(params.prompt, params.prompt_2, negative)
-            latents = self.denoiser.denoise.remote(encoded, params)
-            return encoded, latents, self.vae.decode.remote(latents, decode)
+            if edit is None:
+                latents = denoiser.denoise.remote(encoded, params)
+                return encoded, latents, self.vae.decode.remote(latents, decode)
+            image = self.vae_encoder.encode.remote(edit)
+            latents = denoiser.denoise.remote(encoded, params, image)
+            return encoded, image, latents, self.vae.decode.remote(latents, decode)
 
         result = await self.runner.run(launch)
         self.metrics.images.inc(len(result.files))
@@ -264,12 +337,70 @@ class Ingress:
     ) -> ImagesResponse:
         """Generate images (OpenAI Images API, plus fluxray's extension fields). With the header
         `Prefer: respond-async`, answers 202 with an async job instead (as POST /v1/images/jobs)."""
-        params = self._params(request)
+        model = self._model(request.model)
+        params = self._params(request, model)
         if prefer and "respond-async" in [p.strip().split("=")[0].lower() for p in prefer.split(",")]:
-            return await self._submit_job(params, request, preview=False)
-        result = await self._generate(params)
+            return await self._submit_job(params, request, model, preview=False)
+        result = await self._generate(params, model)
         response.headers[TIMING_HEADER] = server_timing(result.timings)
         data = await self._images(params, result.files, request.response_format)
+        return ImagesResponse(created=int(time.time()), data=data, timings=timings_ms(result.timings))
+
+    # --- edits ------------------------------------------------------------------------------------
+
+    def _read_inputs(self, image_bytes: bytes, mask_bytes: bytes | None, spec):
+        """The edit's image (RGB) and mask (L, white = edit; None for none). With no mask, an image with
+        transparent pixels marks its own area to edit, as OpenAI's edits do (not for Kontext, which takes
+        no mask: its input's alpha is dropped)."""
+        limit = self.config.max_input_pixels
+        image = read_input_image(image_bytes, "image", limit)
+        if mask_bytes is not None:
+            mask = edit_mask(read_input_image(mask_bytes, "mask", limit))
+            if mask.size != image.size:
+                raise InputImageError(
+                    "mask", f"{mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
+                )
+        else:
+            mask = mask_from_alpha(image) if spec.edit != "kontext" else None
+        return image.convert("RGB"), mask
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        responses={**ERRORS, 415: {"model": ErrorResponse, "description": "Neither multipart nor JSON."}},
+        dependencies=API_KEY,
+        openapi_extra=EDIT_REQUEST_BODY,
+    )
+    async def edits(self, request: Request, response: Response) -> ImagesResponse:
+        """Edit an image (OpenAI Images edits: multipart with `image` and `mask` files, or JSON with them as
+        base64 or data: URLs). The model picks the method: base models do img2img, or inpainting with a mask;
+        FLUX.1 Fill fills the mask; FLUX.1 Kontext edits by instruction."""
+        fields, files, mask_bytes = await read_edit_body(request)
+        model = self._model(fields.model)
+        spec = self.specs[model]
+        if not files:
+            raise APIError(400, "image: required (a PNG, JPEG or WebP file, or base64 in JSON)", "image")
+        if len(files) > 1:
+            raise APIError(400, f"image: {model} edits one image at a time (got {len(files)})", "image")
+        loop = asyncio.get_running_loop()
+        try:
+            image, mask = await loop.run_in_executor(None, self._read_inputs, files[0], mask_bytes, spec)
+            method = edit_method(spec, mask is not None, fields.strength)
+        except (InputImageError, EditError) as error:
+            raise APIError(400, str(error), error.field) from None
+        size = None
+        if fields.size in (None, "auto"):
+            default_w, default_h = parse_size(self.config.default_size)
+            size = "{}x{}".format(*fit_size(*default_size(spec, image), default_w * default_h))
+        params = self._params(fields, model, size, EditParams)
+        inputs = await loop.run_in_executor(None, prepare_edit, spec, method, image, mask, params.width, params.height)
+        extra = {"edit": method, "strength": params.strength, "image_sha256": image_sha256(image)}
+        if mask is not None:
+            extra["mask_sha256"] = image_sha256(mask)
+        del image, mask, files, mask_bytes  # nothing of the input outlives the request
+        result = await self._generate(params, model, inputs, extra)
+        response.headers[TIMING_HEADER] = server_timing(result.timings)
+        data = await self._images(params, result.files, fields.response_format)
         return ImagesResponse(created=int(time.time()), data=data, timings=timings_ms(result.timings))
 
     # --- async jobs (deployments.async_jobs) -------------------------------------------------------
@@ -281,12 +412,12 @@ class Ingress:
             headers = {"Retry-After": str(self.config.retry_after_s)}
             raise APIError(503, f"{error}; retry later", kind="overloaded_error", headers=headers) from None
 
-    async def _submit_job(self, params: GenerationParams, request: ImageGenerationRequest, preview: bool):
+    async def _submit_job(self, params: GenerationParams, request: ImageGenerationRequest, model: str, preview: bool):
         webhook = getattr(request, "webhook", None)
         await validate_webhook(self.webhook_policy, webhook)
         body = request.model_dump(exclude_none=True, exclude={"preview", "webhook", "webhook_events"})
         events = getattr(request, "webhook_events", None)
-        record = await self._jobs_call(self.jobs.submit(params, body, preview, webhook, events))
+        record = await self._jobs_call(self.jobs.submit(params, body, preview, webhook, events, model))
         headers = {"Location": record["links"]["self"], REPLICA_HEADER: self.replica}
         return JSONResponse(record, status_code=202, headers=headers)
 
@@ -304,8 +435,9 @@ class Ingress:
     )
     async def create_job(self, request: ImageJobRequest):
         """Start an async generation (fluxray extension): 202 with the job, its id and its links."""
-        params = self._params(request)
-        return await self._submit_job(params, request, preview=request.preview)
+        model = self._model(request.model)
+        params = self._params(request, model)
+        return await self._submit_job(params, request, model, preview=request.preview)
 
     @app.get("/v1/images/jobs/{job_id}", response_model=ImageJob, responses=ERRORS, dependencies=API_KEY)
     async def get_job(self, job_id: str):
@@ -372,8 +504,9 @@ class Ingress:
             raise APIError(400, "n: /generate returns one image; use /v1/images/generations for more", "n")
         if request.response_format != "b64_json":
             raise APIError(400, "response_format: /generate always returns the raw image", "response_format")
-        params = self._params(request)
-        result = await self._generate(params)
+        model = self._model(request.model)
+        params = self._params(request, model)
+        result = await self._generate(params, model)
         files = result.files
         headers = {SEED_HEADER: str(params.seed), TIMING_HEADER: server_timing(result.timings)}
         if cut := self.prompt_length.truncated(params.prompt, params.prompt_2):
@@ -382,7 +515,7 @@ class Ingress:
 
     @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]}, dependencies=API_KEY)
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.started)])
+        return ModelList(data=[ModelCard(id=name, created=self.started) for name in self.specs])
 
     def stats(self) -> dict:
         """For operators and tests, through a DeploymentHandle (not an HTTP route)."""

@@ -59,6 +59,29 @@ class ImageGenerationRequest(BaseModel):
     prompt_2: str | None = Field(default=None, description="Separate prompt for the T5 encoder.")
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """POST /v1/images/edits, besides its files: a generation's fields plus the edit's strength. Multipart
+    (OpenAI's form) sends the image and mask as files; JSON sends them as base64 or data URLs."""
+
+    image: str | list[str] | None = Field(
+        default=None, description="JSON bodies: the input image as base64 or a data: URL (multipart: a file)."
+    )
+    mask: str | None = Field(
+        default=None,
+        description="JSON bodies: the mask as base64 or a data: URL (multipart: a file). Transparent pixels mark "
+        "the area to edit (OpenAI); a mask without alpha is read white = edit (diffusers).",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="img2img, inpainting, Fill: how far toward noise the input goes; the model's default when unset.",
+    )
+    background: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    input_fidelity: str | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: int | None = Field(default=None, description="Accepted for OpenAI compatibility; ignored.")
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -155,9 +178,12 @@ class ModelList(BaseModel):
 PARAM_OF_FIELD = {"width": "size", "height": "size"}
 
 
-def to_generation_params(request: ImageGenerationRequest, default_size: str) -> GenerationParams:
-    """The engine's params for a request; pydantic.ValidationError (or ValueError for size) if invalid."""
-    size = request.size if request.size not in (None, "auto") else default_size
+def to_generation_params(
+    request: ImageGenerationRequest, default_size: str, size: str | None = None
+) -> GenerationParams:
+    """The engine's params for a request; pydantic.ValidationError (or ValueError for size) if invalid.
+    `size` overrides the request's (an edit's output size, settled from its image)."""
+    size = size or (request.size if request.size not in (None, "auto") else default_size)
     width, height = parse_size(size)
     fields = {
         "prompt": request.prompt,

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Policy = Literal["srpt", "fifo"]
-Shape = tuple[int, int, int]  # (height, width, text tokens): what one transformer call must share
+# What one transformer call must share: (height, width, text tokens), plus (height, width) of the
+# reference image for FLUX.1 Kontext edits, whose reference tokens are part of every row.
+Shape = tuple[int, ...]
 
 PATCH = 16  # pixels per token side: the VAE's 8x, then FLUX's 2x2 latent patches
 # Seconds of one step per (row x token) before anything is measured: FLUX.1-dev on one H200 in
@@ -44,9 +46,10 @@ EMA = 0.3  # weight of the newest measurement
 
 
 def tokens(shape: Shape) -> int:
-    """Tokens of one transformer row: image tokens plus text tokens."""
-    height, width, text = shape
-    return (height // PATCH) * (width // PATCH) + text
+    """Tokens of one transformer row: image tokens plus text tokens (plus a Kontext reference's tokens)."""
+    height, width, text, *reference = shape
+    extra = (reference[0] // PATCH) * (reference[1] // PATCH) if reference else 0
+    return (height // PATCH) * (width // PATCH) + text + extra
 
 
 def split_images(images: int, rows_per_image: int, shape: Shape, max_batch_tokens: int, max_batch_images: int):

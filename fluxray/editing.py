@@ -122,7 +122,8 @@ def reference_size(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     multiple = spec.vae_scale_factor * 2
-    ratio = (width // multiple * multiple) / (height // multiple * multiple)
+    # diffusers takes the ratio of the sides rounded down to multiples of 16 (a side under 16 counts as 16)
+    ratio = max(multiple, width // multiple * multiple) / max(multiple, height // multiple * multiple)
     _, w, h = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
     down = spec.reference_downscale
     return w // down // multiple * multiple, h // down // multiple * multiple
@@ -134,7 +135,7 @@ def default_size(spec: ModelSpec, image: Image.Image) -> tuple[int, int]:
     if spec.edit == "kontext":
         return reference_size(spec, image.width, image.height)
     multiple = spec.vae_scale_factor * 2
-    return image.width // multiple * multiple, image.height // multiple * multiple
+    return max(multiple, image.width // multiple * multiple), max(multiple, image.height // multiple * multiple)
 
 
 def fit_size(width: int, height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:

@@ -98,6 +98,10 @@ def read_input_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=list(INPUT_FORMATS))
     except Image.UnidentifiedImageError:
         raise InputImageError(field, f"not an image in a supported format ({', '.join(INPUT_FORMATS)})") from None
+    except Image.DecompressionBombError:  # PIL's own bound, far above any server's: a bomb
+        raise InputImageError(
+            field, f"declares more pixels than PIL decodes, over this server's limit of {max_pixels}"
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise InputImageError(field, f"undecodable image ({e})") from None
     width, height = image.size

@@ -114,7 +114,8 @@ def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults,
         # Ray 2.60 names no parameter for max_restarts/max_task_retries: they can only go through
         # the **ray_remote_args that it deprecates (for removal in 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=speed, **pool("encode"))
+        inputs = {**speed, "input_root": input_root, "endpoint_url": endpoint}  # where edit rows' images are
+        ds = ds.map_batches(EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=inputs, **pool("encode"))
         for stage, cls in (("denoise", DenoiseStage), ("decode", DecodeStage)):
             ds = ds.map_batches(
                 cls, fn_constructor_args=(*model_args, config.format), fn_constructor_kwargs=speed, **pool(stage)

@@ -35,6 +35,11 @@ IMAGE_FIELDS = (
 )
 
 
+# An edit's inputs (fluxray.editing): part of the fingerprint only for rows that have an image, so the
+# fingerprints of text-to-image rows stay what earlier runs wrote.
+EDIT_FIELDS = ("input_image", "input_mask", "strength")
+
+
 def image_key(row_id: str, output_format: str) -> str:
     return f"images/{row_id}.{EXTENSIONS[output_format]}"
 
@@ -64,4 +69,6 @@ def model_identity(source: ModelSource, quantize: str) -> str:
 def fingerprint(record: dict, identity: str, output_format: str) -> str:
     """The fingerprint of a resolved record's image (see the module docstring)."""
     made_of = {"model": identity, "format": output_format, **{k: record[k] for k in IMAGE_FIELDS}}
+    if record.get("input_image") is not None:
+        made_of.update({k: record[k] for k in EDIT_FIELDS})
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_DIGITS]

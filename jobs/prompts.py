@@ -6,6 +6,9 @@ file's whole key, extension included, so prompts.csv and prompts.jsonl never sha
 fingerprint of the image it makes (jobs.layout), so the same input gives the same records, seeds
 and images on every run. A row that fails GenerationParams is kept, marked invalid with the
 reason; a file that cannot be parsed fails with its name and line.
+
+A row with an `image` (a key relative to the input's folder, or an s3:// URI), optionally a `mask` and a
+`strength`, is an edit: the job's model picks the method as the HTTP route does (fluxray.editing).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fluxray.editing import EditError, EditParams, edit_method
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error
 from fluxray.specs import ModelSpec
-from jobs.layout import IMAGE_FIELDS, fingerprint
+from jobs.layout import EDIT_FIELDS, IMAGE_FIELDS, fingerprint
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -38,7 +42,8 @@ FORMATS = {
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COLUMN_OF_FIELD = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 OPTIONAL_TEXT = ("prompt_2", "negative_prompt")
-RECORD_FIELDS = ("id", "source", *IMAGE_FIELDS, "fingerprint", "status", "reason")
+EDIT_COLUMNS = {"image": "input_image", "mask": "input_mask"}  # input column -> record field
+RECORD_FIELDS = ("id", "source", *IMAGE_FIELDS, *EDIT_FIELDS, "fingerprint", "status", "reason")
 MAX_FILE_ID = 100  # leaves room for '-' and the row number within an id's 128 characters
 
 
@@ -152,6 +157,8 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
         "source": f"{key}:{number}",
         "prompt": str(raw.get("prompt") or ""),
         **{name: raw.get(name) for name in OPTIONAL_TEXT},
+        **{field: None if raw.get(column) is None else str(raw[column]) for column, field in EDIT_COLUMNS.items()},
+        "strength": raw.get("strength"),
         "status": "pending",
         "reason": "",
     }
@@ -179,7 +186,7 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
             "reason": "id: may only hold letters, digits, '.', '_' and '-' (at most 128), starting alnum",
         }
     try:
-        params = GenerationParams(**fields).resolve(defaults.spec)
+        params = _params(record, fields, defaults)
     except ValidationError as error:
         return {
             **record,
@@ -187,6 +194,8 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
             "status": "invalid",
             "reason": describe_validation_error(error, COLUMN_OF_FIELD),
         }
+    except EditError as error:
+        return {**record, **_unresolved(fields), "strength": None, "status": "invalid", "reason": str(error)}
     resolved = {
         **record,
         "prompt": params.prompt,
@@ -196,9 +205,23 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
         "steps": params.num_inference_steps,
         "guidance": params.guidance_scale,
         "true_cfg_scale": params.true_cfg_scale,
+        "strength": getattr(params, "strength", None),
     }
     resolved["fingerprint"] = fingerprint(resolved, defaults.model_identity, defaults.output_format)
     return resolved
+
+
+def _params(record: dict, fields: dict, defaults: JobDefaults) -> GenerationParams:
+    """A row's resolved params: an edit's (EditParams, checked against the model's method) when it has an
+    image; EditError for a mask or strength without one, or what the model cannot take."""
+    if record["input_image"] is None:
+        for column in ("mask", "strength"):
+            value = record["input_mask"] if column == "mask" else record["strength"]
+            if value is not None:
+                raise EditError(column, "needs an image (the row has no 'image')")
+        return GenerationParams(**fields).resolve(defaults.spec)
+    edit_method(defaults.spec, record["input_mask"] is not None, record["strength"])
+    return EditParams(**fields, strength=record["strength"]).resolve(defaults.spec)
 
 
 def _unresolved(fields: dict) -> dict:
@@ -220,7 +243,11 @@ def _unresolved(fields: dict) -> dict:
 
 
 def params_of(record: dict, output_format: str) -> GenerationParams:
-    """The resolved GenerationParams of a pending record."""
+    """The resolved GenerationParams of a pending record (EditParams for an edit)."""
+    if record.get("input_image") is not None:
+        return EditParams(
+            **params_of({**record, "input_image": None}, output_format).model_dump(), strength=record["strength"]
+        )
     return GenerationParams(
         prompt=record["prompt"],
         prompt_2=record["prompt_2"],

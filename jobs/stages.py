@@ -7,6 +7,9 @@ and failed rows a batch holds: a column never depends on a block's contents (a c
 nothing but nulls in one block once failed to unify with the same column holding tensors in
 another). Tensors travel as safetensors bytes in the model's dtype (bfloat16 on GPUs).
 
+An edit row (an `image`, fluxray.editing) has its input read and VAE-encoded in the encode stage, which
+passes the latent distributions on as safetensors bytes; the denoise stage makes its edit task from them.
+
 A stage that raises on a batch splits it in halves until the rows that raise are found: only they
 are failed, with the reason. A row that kills its worker process is the driver's to find
 (jobs.generate): Ray Data drops that batch after --max-retries, and the driver runs its rows again
@@ -31,13 +34,22 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fluxray.acceleration import SpeedOptions
+from fluxray.editing import EncodedEdit, edit_method, edit_task, prepare_edit
 from fluxray.embeds import PromptEmbeds
-from fluxray.images import MEDIA_TYPES, encode_image, image_metadata
+from fluxray.images import (
+    MEDIA_TYPES,
+    InputImageError,
+    edit_mask,
+    encode_image,
+    image_metadata,
+    image_sha256,
+    read_input_image,
+)
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
-from fluxray.vae import VAEDecoder
+from fluxray.vae import VAEDecoder, VAEEncoder
 from jobs.layout import image_key, metadata_key, metadata_prefix, parse_metadata_key
 from jobs.manifest import MANIFEST_SCHEMA
 from jobs.plan import OVERWRITE, FilePlan
@@ -64,6 +76,11 @@ RECORD = [
     ("steps", pa.int64()),
     ("guidance", pa.float64()),
     ("true_cfg_scale", pa.float64()),
+    ("input_image", pa.string()),  # an edit's input: a key under the input's folder, or an s3:// URI
+    ("input_mask", pa.string()),
+    ("strength", pa.float64()),
+    ("image_sha256", pa.string()),  # of the input's pixels (fluxray.images.image_sha256), once read
+    ("mask_sha256", pa.string()),
     ("fingerprint", pa.string()),
     ("overwrite", pa.bool_()),
     ("truncated", pa.string()),  # the encoders that read only the start of the prompt, comma-separated
@@ -72,8 +89,14 @@ RECORD = [
     *TIMES,
 ]
 RECORD_SCHEMA = pa.schema(RECORD)
-ENCODED_SCHEMA = pa.schema([*RECORD, ("embeds", pa.binary())])
+ENCODED_SCHEMA = pa.schema([*RECORD, ("embeds", pa.binary()), ("edit", pa.binary())])
 DENOISED_SCHEMA = pa.schema([*RECORD, ("latents", pa.binary())])
+# What an edit's metadata adds: its inputs (as the row named them), their pixels' sha256 and the strength.
+EDIT_RECORD = ("input_image", "input_mask", "strength", "image_sha256", "mask_sha256")
+
+
+# An input image (or mask) larger than this many pixels fails its row (as the HTTP route's max_input_pixels).
+MAX_INPUT_PIXELS = 4096 * 4096
 DECODED_SCHEMA = pa.schema([*RECORD, ("image_bytes", pa.binary()), ("sha256", pa.string())])
 WRITTEN_SCHEMA = pa.schema([*POSITION, *MANIFEST_SCHEMA, *TIMES])
 
@@ -108,7 +131,8 @@ class PromptDatasource(Datasource):
                     if not plan.codes[row]:
                         continue
                     overwrite = plan.codes[row] == OVERWRITE
-                    block.append({**record, **ZERO_TIMES, "file": number, "row": row, "overwrite": overwrite})
+                    row_fields = {**ZERO_TIMES, "file": number, "row": row, "overwrite": overwrite}
+                    block.append({**record, **row_fields, "image_sha256": None, "mask_sha256": None})
                     if len(block) >= self.block_rows:
                         yield pa.Table.from_pylist(block, schema=RECORD_SCHEMA)
                         block = []
@@ -164,12 +188,71 @@ def _by_size(rows: list[dict]) -> list[tuple[tuple[int, int], list[dict]]]:
     return group_by_size(rows, lambda r: (r["height"], r["width"]))
 
 
+def read_input(uri: str, input_root: str, endpoint_url: str | None, field: str) -> bytes:
+    """An edit's input file: an s3:// URI as it is, anything else a key under the input's folder;
+    InputImageError naming the field and the file when it cannot be read."""
+    try:
+        if uri.startswith("s3://"):
+            folder, _, name = uri.removeprefix("s3://").rpartition("/")
+            return open_storage(f"s3://{folder}/", endpoint_url).get(name)
+        return open_storage(input_root, endpoint_url).get(uri)
+    except Exception as error:  # noqa: BLE001 - missing, forbidden, unreachable: the row's reason
+        raise InputImageError(field, f"cannot read {uri} ({type(error).__name__})") from None
+
+
+def pack_edit(encoded: EncodedEdit) -> bytes:
+    tensors = {"image_moments": encoded.image_moments}
+    if encoded.mask is not None:
+        tensors["mask"] = encoded.mask
+    if encoded.masked_moments is not None:
+        tensors["masked_moments"] = encoded.masked_moments
+    return save_tensors({k: t.contiguous() for k, t in tensors.items()}, metadata={"method": encoded.method})
+
+
+def unpack_edit(data: bytes) -> EncodedEdit:
+    tensors = load_tensors(data)
+    # The method is in the safetensors header's __metadata__: its first 8 bytes give the header's length.
+    method = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["method"]
+    return EncodedEdit(method, tensors["image_moments"], tensors.get("mask"), tensors.get("masked_moments"))
+
+
 class EncodeStage:
     def __init__(
-        self, model: str, device: str, dtype: str | None, threads: int | None, speed: SpeedOptions | None = None
+        self,
+        model: str,
+        device: str,
+        dtype: str | None,
+        threads: int | None,
+        speed: SpeedOptions | None = None,
+        input_root: str = "",
+        endpoint_url: str | None = None,
     ):
         self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
         self.encoder = TextEncoder.load(self.source, self.device, self.dtype, speed)
+        self.speed, self.input_root, self.endpoint_url = speed, input_root, endpoint_url
+        self.image_encoder: VAEEncoder | None = None  # loaded with the first edit row
+
+    def _edit(self, row: dict) -> bytes:
+        """An edit row's input, read, checked and through the VAE's encoder (its sha256s set on the row)."""
+        spec = self.source.spec
+        data = read_input(row["input_image"], self.input_root, self.endpoint_url, "image")
+        image = read_input_image(data, "image", MAX_INPUT_PIXELS)
+        mask = None
+        if row["input_mask"] is not None:
+            data = read_input(row["input_mask"], self.input_root, self.endpoint_url, "mask")
+            mask = edit_mask(read_input_image(data, "mask", MAX_INPUT_PIXELS))
+            if mask.size != image.size:
+                raise ValueError(
+                    f"mask: {mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
+                )
+            row["mask_sha256"] = image_sha256(mask)
+        image = image.convert("RGB")
+        row["image_sha256"] = image_sha256(image)
+        method = edit_method(spec, mask is not None, None if spec.edit == "kontext" else row["strength"])
+        if self.image_encoder is None:
+            self.image_encoder = VAEEncoder.load(self.source, self.device, self.dtype, self.speed)
+        inputs = prepare_edit(spec, method, image, mask, int(row["width"]), int(row["height"]))
+        return pack_edit(self.image_encoder.encode(inputs))
 
     def _encode(self, rows: list[dict]) -> None:
         embeds = self.encoder.encode([r["prompt"] for r in rows], [r["prompt_2"] for r in rows])
@@ -182,6 +265,7 @@ class EncodeStage:
                 j = cfg.index(k)
                 tensors |= {"neg_pooled": negatives.pooled[j], "neg_sequence": negatives.sequence[j]}
             row["embeds"] = save_tensors({name: t.to("cpu", self.dtype).contiguous() for name, t in tensors.items()})
+            row["edit"] = self._edit(row) if row["input_image"] is not None else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         started, rows = time.perf_counter(), table.to_pylist()
@@ -210,12 +294,17 @@ class DenoiseStage:
         if "neg_pooled" in tensors:
             negative = PromptEmbeds(tensors["neg_pooled"][None], tensors["neg_sequence"][None])
         params = params_of(row, self.output_format)
+        if row["edit"] is not None:
+            edit = unpack_edit(row["edit"])
+            return edit_task(params, embeds, negative, edit, self.source.spec, self.device, self.dtype)
         return denoise_task(params, embeds, negative, self.source.spec, self.device, self.dtype)
 
     def _denoise(self, rows: list[dict]) -> None:
         for (height, width), group in _by_size(rows):
             tasks = [self._task(row) for row in group]
-            denoise(self.transformer, tasks, height, width)
+            # Kontext's reference tokens join every row: one transformer call per reference size.
+            for _, same in group_by_size(tasks, _reference_shape):
+                denoise(self.transformer, same, height, width)
             for row, task in zip(group, tasks):
                 row["latents"] = save_tensors({"latents": task.latents.to("cpu", self.dtype).contiguous()})
 
@@ -246,6 +335,8 @@ class DecodeStage:
             for row, image in zip(group, pixels):
                 params = params_of(row, self.output_format)
                 meta = image_metadata(params, params.seed, self.source.name)
+                if row["input_image"] is not None:
+                    meta |= {k: row[k] for k in EDIT_RECORD}
                 data = encode_image(image.numpy(), self.output_format, meta)
                 row["image_bytes"], row["sha256"] = data, hashlib.sha256(data).hexdigest()
 
@@ -253,6 +344,10 @@ class DecodeStage:
         started, rows = time.perf_counter(), table.to_pylist()
         _run_split("decode", rows, self._decode)
         return _timed("decode", DECODED_SCHEMA, rows, started)
+
+
+def _reference_shape(task) -> tuple[int, ...]:
+    return () if task.reference_ids is None else tuple(task.reference_ids.shape)
 
 
 class WriteStage:
@@ -290,6 +385,7 @@ class WriteStage:
                 "image": image,
                 "format": self.output_format,
                 "truncated": row["truncated"].split(",") if row["truncated"] else [],
+                **{k: row[k] for k in EDIT_RECORD if row["input_image"] is not None},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self.storage.put(meta, json.dumps(record, sort_keys=True).encode(), "application/json")

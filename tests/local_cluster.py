@@ -116,12 +116,18 @@ class Cluster:
             "job_ttl_s": 3,
         }
         tight["args"].pop("object_store")
+        # One model in the other applications (the main one serves the edit variants beside tiny), and
+        # their VAEEncoders scaled to zero: none of their tests edits.
+        tight["args"].pop("models")
+        tight["deployments"] = [d for d in tight["deployments"] if not d["name"].startswith("Denoiser-")]
         for deployment in tight["deployments"]:
             deployment["ray_actor_options"] = {"num_cpus": 0.1}
             if deployment["name"] == "Denoiser":
                 deployment.update(max_ongoing_requests=2, max_queued_requests=1)
             if deployment["name"] == "Ingress":
                 deployment["backpressure_config"] = {"status_code": 503, "retry_after_s": 7}
+            if deployment["name"] == "VAEEncoder":
+                deployment["autoscaling_config"] = {"min_replicas": 0, "max_replicas": 1}
         config["applications"].append(tight)
         # "guarded": API keys, small limits, and two Denoiser replicas (one gets killed under load).
         guarded = copy.deepcopy(tight)
@@ -137,6 +143,7 @@ class Cluster:
             "max_pixel_steps": GUARDED_PIXEL_STEPS,
         }
         guarded["args"].pop("object_store")
+        guarded["args"].pop("models")
         for deployment in guarded["deployments"]:
             if deployment["name"] == "Denoiser":
                 deployment.update(max_ongoing_requests=8, max_queued_requests=16)
@@ -158,6 +165,7 @@ class Cluster:
             "job_lost_after_s": 10,
         }
         shared["args"].pop("object_store")
+        shared["args"].pop("models")
         for deployment in shared["deployments"]:
             if deployment["name"] == "Ingress":
                 deployment["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}

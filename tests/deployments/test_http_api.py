@@ -162,8 +162,9 @@ def test_url_format_stores_the_image_in_s3(cluster):
 
 def test_models_health_and_openapi(cluster):
     models = httpx.get(f"{cluster.url}/v1/models").json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
-    assert [m.id for m in client(cluster).models.list()] == ["tiny"]
+    served = ["tiny", "tiny-kontext", "tiny-fill"]  # the local config serves the edit variants beside tiny
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == served
+    assert [m.id for m in client(cluster).models.list()] == served
     assert httpx.get(f"{cluster.url}/healthz").json()["status"] == "ok"
     spec = httpx.get(f"{cluster.url}/openapi.json").json()
     schema = spec["components"]["schemas"]["ImageGenerationRequest"]["properties"]

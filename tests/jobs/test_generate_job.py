@@ -258,3 +258,64 @@ def test_ray_job_submit_runs_the_example(ray_cluster):
     assert result.returncode == 0, "\n".join(errors[-20:]) or output[-3000:]
     assert "succeeded" in output
     assert len(keys(ray_cluster.s3(), ray_cluster.bucket, "runs/submitted/metadata/")) == 6
+
+
+def test_edit_rows_read_their_images_from_s3(ray_cluster, tiny_pipeline):
+    """Rows with an `image` (a key beside the input, or an s3:// URI) and a `mask`: the job edits them,
+    exactly as the engine does, and records the inputs' sha256; a row whose image is missing fails alone
+    (exit 1, the reason in the manifest) and a re-run after the image appears completes the job."""
+    from fluxray.editing import EditParams
+    from fluxray.images import image_sha256
+    from fluxray.scenes import Scene, render
+
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    image = render(Scene("yellow", "square", "right", "green"), 64, 64)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+
+    def png(picture: Image.Image) -> bytes:
+        out = io.BytesIO()
+        picture.save(out, format="PNG")
+        return out.getvalue()
+
+    s3.put_object(Bucket=bucket, Key="edits/in/pics/scene.png", Body=png(image))
+    s3.put_object(Bucket=bucket, Key="elsewhere/mask.png", Body=png(mask))
+    rows = [
+        {
+            "id": "img2img",
+            "prompt": "a red circle on the left, blue background",
+            "image": "pics/scene.png",
+            "strength": 0.8,
+        },
+        {
+            "id": "inpaint",
+            "prompt": "a red circle on the left, blue background",
+            "image": "pics/scene.png",
+            "mask": f"s3://{bucket}/elsewhere/mask.png",
+            "strength": 1.0,
+        },
+        {"id": "late", "prompt": "a red circle", "image": "pics/later.png"},
+    ]
+    body = "\n".join(json.dumps({**r, "seed": 3}) for r in rows) + "\n"
+    s3.put_object(Bucket=bucket, Key="edits/in/rows.jsonl", Body=body.encode())
+    args = ["--input", f"s3://{bucket}/edits/in/rows.jsonl", "--output", f"s3://{bucket}/edits/out/", *FAST]
+    first = job(ray_cluster, *args)
+    assert first.returncode == 1 and summary(first.stdout)["written"] == "2", first.stdout + first.stderr[-2000:]
+    assert "rows.jsonl:3" in first.stderr and "image: cannot read pics/later.png" in first.stderr
+    for row_id, with_mask in (("img2img", None), ("inpaint", mask)):
+        meta = metadata_of(s3, bucket, "edits/out/", row_id)
+        strength = 0.8 if row_id == "img2img" else 1.0
+        want = tiny_pipeline.edit(
+            EditParams(prompt=meta["prompt"], width=64, height=64, seed=3, strength=strength, num_inference_steps=2),
+            image,
+            with_mask,
+        )[0]
+        data = s3.get_object(Bucket=bucket, Key="edits/out/" + meta["image"])["Body"].read()
+        assert max_pixel_diff(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), want.pixels) <= 2
+        assert meta["image_sha256"] == image_sha256(image) and meta["strength"] == strength
+    assert metadata_of(s3, bucket, "edits/out/", "inpaint")["mask_sha256"] == image_sha256(mask)
+    s3.put_object(Bucket=bucket, Key="edits/in/pics/later.png", Body=png(image))
+    second = job(ray_cluster, *args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert (summary(second.stdout)["written"], summary(second.stdout)["skipped"]) == ("1", "2")
+    assert len(keys(s3, bucket, "edits/out/images/")) == 3
