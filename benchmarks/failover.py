@@ -163,10 +163,14 @@ def differing_images(answers: list[Answer], pipeline: Pipeline, size: str, steps
 
 
 def serve_config(http_port: int) -> dict:
-    """The shipped local config, with two Denoiser replicas (one is removed by the downscale)."""
+    """The shipped local config, with two Denoiser replicas (one is removed by the downscale), serving the
+    tiny model alone (the scenarios generate; the edit variants' Denoisers would only add processes)."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"]["port"] = http_port
-    for deployment in config["applications"][0]["deployments"]:
+    app = config["applications"][0]
+    app["args"].pop("models", None)
+    app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("Denoiser-")]
+    for deployment in app["deployments"]:
         if deployment["name"] == "Denoiser":
             deployment["autoscaling_config"].update(min_replicas=2, max_replicas=2)
     return config

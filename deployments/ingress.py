@@ -234,6 +234,12 @@ class Ingress:
         """The request's resolved params for `model`; `size` in place of the request's own when given
         (an edit's default size comes from its image), `kind` EditParams for an edit."""
         spec = self.specs[model]
+        if spec.edit == "fill" and kind is not EditParams:
+            raise APIError(
+                400,
+                f"model: {model} (FLUX.1 Fill) only fills a masked image; send it to /v1/images/edits",
+                "model",
+            )
         if request.response_format == "url" and self.store is None:
             raise APIError(
                 400,

@@ -1,4 +1,4 @@
-"""The `fluxray` command: generate images in-process, list models, locate the tiny model.
+"""The `fluxray` command: generate (or, with --image, edit) images in-process, list models, locate the tiny model.
 
 A user mistake (bad parameter, unknown model, unwritable output) prints one line on stderr and
 exits with status 2; it never shows a traceback.
@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args
+from fluxray.editing import EditError, EditParams, default_size, edit_method, fit_size
+from fluxray.images import InputImageError, edit_mask, read_input_image
 from fluxray.params import GenerationParams, describe_validation_error
 from fluxray.sources import ModelSourceError, resolve_model
 from fluxray.specs import SPECS
@@ -32,7 +34,9 @@ FLAG_OF_FIELD = {
     "true_cfg_scale": "--true-cfg",
     "n": "--n",
     "seed": "--seed",
+    "strength": "--strength",
 }
+MAX_INPUT_PIXELS = 4096 * 4096  # an --image or --mask larger than this is refused before it is decoded
 FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -54,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale (> 1 with --negative-prompt)")
     gen.add_argument("--n", type=int, default=1, help="number of images; files get -0, -1, ...")
+    gen.add_argument("--image", default=None, help="edit this image (PNG, JPEG, WebP): img2img, or as the model edits")
+    gen.add_argument("--mask", default=None, help="with --image: repaint where white (or transparent, with alpha)")
+    gen.add_argument("--strength", type=float, default=None, help="with --image: how far toward noise (0-1]")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_speed_arguments(gen)
@@ -76,6 +83,44 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _edit_inputs(args: argparse.Namespace, spec):
+    """--image and --mask, read and checked (None, None without --image); UsageError for a mistake."""
+    if args.image is None:
+        if spec.edit == "fill":
+            raise UsageError(f"--model: {spec.name} (FLUX.1 Fill) only fills a masked image: give --image and --mask")
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --image")
+        return None, None
+
+    def read(path: str, field: str):
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise UsageError(f"--{field}: cannot read {path}: {e.strerror}") from None
+        try:
+            return read_input_image(data, f"--{field}", MAX_INPUT_PIXELS)
+        except InputImageError as e:
+            raise UsageError(str(e)) from None
+
+    image = read(args.image, "image")
+    mask = None
+    if args.mask is not None:
+        try:
+            mask = edit_mask(read(args.mask, "mask"))
+        except InputImageError as e:
+            raise UsageError(f"--{e}") from None
+        if mask.size != image.size:
+            raise UsageError(
+                f"--mask: {mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
+            )
+    try:
+        edit_method(spec, mask is not None, args.strength)
+    except EditError as e:
+        raise UsageError(f"--{e}") from None
+    return image.convert("RGB"), mask
+
+
 def _generate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fmt = FORMAT_OF_SUFFIX.get(output.suffix.lower())
@@ -83,6 +128,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--output must end in .png, .jpg, .jpeg or .webp (got {output.name!r})")
     source = resolve_model(args.model)
     spec = source.spec
+    image, mask = _edit_inputs(args, spec)
+    if image is not None and (args.width is None or args.height is None):
+        width, height = fit_size(*default_size(spec, image), spec.default_size**2)
+        args.width, args.height = args.width or width, args.height or height
     fields = {
         "prompt": args.prompt,
         "prompt_2": args.prompt_2,
@@ -97,7 +146,10 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "output_format": fmt,
     }
-    params = GenerationParams(**fields).resolve(spec)
+    if image is None:
+        params = GenerationParams(**fields).resolve(spec)
+    else:
+        params = EditParams(**fields, strength=args.strength).resolve(spec)
     speed = speed_options_from_args(args)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +170,10 @@ def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     with tqdm(total=params.num_inference_steps, desc="denoising", unit="step", disable=args.no_progress) as bar:
-        images = pipeline.generate(params, on_step=lambda: bar.update(1))
+        if image is None:
+            images = pipeline.generate(params, on_step=lambda: bar.update(1))
+        else:
+            images = pipeline.edit(params, image, mask, on_step=lambda: bar.update(1))
     for image, path in zip(images, _output_paths(output, params.n)):
         try:
             _write_atomically(path, image.encode(fmt))
@@ -152,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         message = describe_validation_error(e, FLAG_OF_FIELD)
     except (UsageError, ModelSourceError, SpeedOptionError) as e:
         message = str(e)
+    except EditError as e:  # what the model cannot do (FLUX.1 Fill without an image)
+        message = f"--{e}"
     except KeyboardInterrupt:
         message = "interrupted"
     print(f"fluxray: error: {message}", file=sys.stderr)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fluxray.acceleration import SpeedOptions, resolve
-from fluxray.editing import EditParams, edit_method, edit_task, prepare_edit
+from fluxray.editing import EditError, EditParams, edit_method, edit_task, prepare_edit
 from fluxray.images import encode_image, image_metadata, image_sha256
 from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
@@ -133,6 +133,8 @@ class Pipeline:
 
         Returns the images request by request, in order. on_step is called after each batched step.
         """
+        if self.source.spec.edit == "fill":
+            raise EditError("model", f"{self.source.name} (FLUX.1 Fill) only fills a masked image: use edit()")
         if isinstance(requests, GenerationParams):
             requests = [requests]
         resolved = [r.resolve(self.source.spec) for r in requests]

@@ -215,6 +215,8 @@ def _params(record: dict, fields: dict, defaults: JobDefaults) -> GenerationPara
     """A row's resolved params: an edit's (EditParams, checked against the model's method) when it has an
     image; EditError for a mask or strength without one, or what the model cannot take."""
     if record["input_image"] is None:
+        if defaults.spec.edit == "fill":
+            raise EditError("image", f"{defaults.spec.name} (FLUX.1 Fill) needs an image and a mask in every row")
         for column in ("mask", "strength"):
             value = record["input_mask"] if column == "mask" else record["strength"]
             if value is not None:

@@ -52,7 +52,10 @@ def no_failure_and_engine_images(result: dict, pipeline, size: str = "64x64", st
 
 def test_the_head_killed_under_load_fails_no_request_and_serve_recovers_without_redeploying(service, tiny_pipeline):
     base = service.replicas()
-    assert sorted(base) == ["Denoiser", "Ingress", "TextEncoder", "VAEDecoder"] and len(base["Denoiser"]) == 2
+    assert (
+        sorted(base) == ["Denoiser", "Ingress", "TextEncoder", "VAEDecoder", "VAEEncoder"]
+        and len(base["Denoiser"]) == 2
+    )
     result = head_failure(service, service.url, CLIENTS, outage_s=8, after_s=3)
     print({k: v for k, v in result.items() if k != "_answers"})
     no_failure_and_engine_images(result, tiny_pipeline)

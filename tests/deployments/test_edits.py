@@ -268,3 +268,13 @@ def test_odd_but_valid_images_are_edited(cluster, model, image, size):
     )
     assert response.status_code == 200, response.text
     assert Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).size == size
+
+
+def test_generations_take_kontext_but_not_fill(cluster):
+    """Kontext generates from text alone (as FluxKontextPipeline does without an image); Fill only fills."""
+    body = {"prompt": PROMPT, "size": "64x64", "num_inference_steps": 2, "seed": 1}
+    kontext = httpx.post(f"{cluster.url}/v1/images/generations", json={**body, "model": "tiny-kontext"}, timeout=120)
+    assert kontext.status_code == 200, kontext.text
+    fill = httpx.post(f"{cluster.url}/v1/images/generations", json={**body, "model": "tiny-fill"}, timeout=60)
+    assert fill.status_code == 400 and fill.json()["error"]["param"] == "model"
+    assert "/v1/images/edits" in fill.json()["error"]["message"]

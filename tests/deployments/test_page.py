@@ -55,7 +55,8 @@ def test_the_page_generates_the_image_the_api_makes_for_the_same_seed(cluster, b
     browser.get(f"{cluster.url}/")
     wait = WebDriverWait(browser, 120, poll_frequency=0.05)
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#model option"))
-    assert [o.text for o in Select(browser.find_element(By.ID, "model")).options] == ["tiny"]
+    options = [o.text for o in Select(browser.find_element(By.ID, "model")).options]
+    assert options == ["tiny", "tiny-kontext", "tiny-fill"]  # /v1/models, the default first
     assert browser.find_element(By.ID, "key-row").get_attribute("hidden") is not None  # no key asked for
     prompt = "a yellow square at the bottom, purple background"
     fill(browser, "prompt", prompt)

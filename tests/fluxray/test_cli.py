@@ -154,3 +154,60 @@ def test_a_prompt_longer_than_clip_reads_is_warned_about(tmp_path, capsys):
     ]
     assert main([*common, "--prompt", "a lighthouse"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_generate_with_an_image_edits_it_as_the_engine_does(tmp_path, tiny_pipeline):
+    from image_checks import max_pixel_diff
+
+    from fluxray.editing import EditParams
+    from fluxray.scenes import Scene, render
+
+    scene = render(Scene("yellow", "square", "right", "green"), 96, 64)
+    scene.save(tmp_path / "scene.png")
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    mask.save(tmp_path / "mask.png")
+    prompt = "a red circle on the left, blue background"
+    common = ["generate", "--prompt", prompt, "--seed", "4", "--steps", "3", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "edited.png"
+    assert main([*common, "--output", str(out), "--image", str(tmp_path / "scene.png"), "--strength", "0.8"]) == 0
+    assert Image.open(out).size == (96, 64)  # the input's size
+    want = tiny_pipeline.edit(
+        EditParams(prompt=prompt, width=96, height=64, seed=4, strength=0.8, num_inference_steps=3), scene
+    )[0]
+    assert max_pixel_diff(np.asarray(Image.open(out).convert("RGB")), want.pixels) <= 2
+    assert read_metadata(out.read_bytes())["edit"] == "img2img"
+    inpainted = tmp_path / "inpainted.png"
+    args = [
+        *common,
+        "--output",
+        str(inpainted),
+        "--image",
+        str(tmp_path / "scene.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+    ]
+    assert main(args) == 0 and read_metadata(inpainted.read_bytes())["edit"] == "inpaint"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--mask", "m.png"], "--mask needs --image"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--image", "missing.png"], "--image: cannot read"),
+        (["--image", "bad.png"], "--image: not an image"),
+        (["--image", "scene.png", "--strength", "2"], "--strength:"),
+        (["--image", "scene.png", "--model", "tiny-kontext", "--mask", "scene.png"], "--mask: tiny-kontext"),
+        (["--model", "tiny-fill"], "--model: tiny-fill (FLUX.1 Fill) only fills"),
+    ],
+)
+def test_edit_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "scene.png")
+    (tmp_path / "bad.png").write_bytes(b"definitely not a png")
+    args = ["generate", "--prompt", "x", "--output", str(tmp_path / "o.png"), "--steps", "1", "--no-progress"]
+    assert main([*args, "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fluxray: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o.png").exists()

@@ -240,3 +240,11 @@ def test_strength_out_of_range_names_strength():
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValidationError, match="strength"):
             EditParams(prompt="x", strength=bad)
+
+
+def test_fill_does_not_generate_from_text_alone(fill):
+    from fluxray.params import GenerationParams
+
+    with pytest.raises(EditError) as e:
+        fill[0].generate(GenerationParams(prompt=PROMPT, width=64, height=64, num_inference_steps=1))
+    assert e.value.field == "model"

@@ -71,12 +71,14 @@ def test_rows_are_checked_against_the_model_when_read():
         "strength ": record("tiny", 3, image="a.png", strength=1.5),
         "fill": record("tiny-fill", 4, image="a.png"),
         "kontext": record("tiny-kontext", 5, image="a.png", mask="m.png"),
+        "fill without image": record("tiny-fill", 6),
     }
     assert all(r["status"] == "invalid" for r in bad.values())
     assert bad["mask"]["reason"].startswith("mask: needs an image")
     assert bad["strength"]["reason"].startswith("strength: needs an image")
     assert bad["strength "]["reason"].startswith("strength:")
     assert "needs a mask" in bad["fill"]["reason"] and "takes no mask" in bad["kontext"]["reason"]
+    assert bad["fill without image"]["reason"].startswith("image: tiny-fill (FLUX.1 Fill) needs an image")
     # The inputs are part of what makes the image, so part of its fingerprint; a plain row's is unchanged.
     assert record("tiny", 1, image="a.png")["fingerprint"] != record("tiny", 1, image="b.png")["fingerprint"]
     assert record("tiny", 1)["fingerprint"] == record("tiny", 1)["fingerprint"]
