@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from fluxray.embeds import PromptEmbeds
+from fluxray.lora import LoraChoice
 from fluxray.params import MAX_SIDE, MIN_SIDE, GenerationParams
 from fluxray.sampling import (
     LATENT_CHANNELS,
@@ -264,6 +265,7 @@ def edit_task(
         guidance=guidance,
         negative=negative.select([0] * n).to(device, dtype) if negative is not None and params.do_true_cfg else None,
         true_cfg_scale=params.true_cfg_scale,
+        loras=tuple(LoraChoice(lora.name, lora.scale) for lora in params.loras),
     )
     if encoded.method == "kontext":
         reference = pack_latents(_latents(encoded.image_moments, spec, None).to(dtype))

@@ -36,6 +36,7 @@ def image_metadata(params: GenerationParams, seed: int, model: str) -> dict[str,
         "true_cfg_scale": params.true_cfg_scale,
         "sampler": "flow-match-euler",
         "fluxray_version": fluxray.__version__,
+        **({"loras": [lora.model_dump() for lora in params.loras]} if params.loras else {}),
     }
 
 

@@ -24,6 +24,8 @@ MAX_IMAGES = 8
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
 SEED_LIMIT = 2**63
+MAX_LORAS = 4  # adapters on one request (fluxray.lora pads every row to this many)
+MAX_LORA_SCALE = 4.0
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -42,6 +44,24 @@ def _check_side(name: str, value: int) -> int:
     if value % SIDE_MULTIPLE:
         raise ValueError(f"{name} must be a multiple of {SIDE_MULTIPLE} (got {value})")
     return value
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter a request applies, by its name in the server's registry, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200, description="The adapter's name (its file's stem).")
+    scale: float = Field(
+        default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, description="Weight of its low-rank delta; 0 = off."
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
 
 
 class GenerationParams(BaseModel):
@@ -89,6 +109,17 @@ class GenerationParams(BaseModel):
         default=None, ge=0, lt=SEED_LIMIT, description="Seed of the first image; random when unset."
     )
     output_format: ImageFormat = Field(default="png", description="Image file format.")
+    loras: tuple[LoraRequest, ...] = Field(
+        default=(), max_length=MAX_LORAS, description=f"LoRA adapters and their scales (at most {MAX_LORAS})."
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, value: tuple[LoraRequest, ...]) -> tuple[LoraRequest, ...]:
+        names = [lora.name for lora in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each LoRA may be named once")
+        return value
 
     @field_validator("prompt")
     @classmethod

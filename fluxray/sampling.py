@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fluxray.embeds import PromptEmbeds
+from fluxray.lora import LoraChoice
 from fluxray.params import GenerationParams
 from fluxray.specs import ModelSpec
 
@@ -126,6 +127,7 @@ class DenoiseTask:
     reference: torch.Tensor | None = None  # (n, ref_seq, 64)
     reference_ids: torch.Tensor | None = None  # (ref_seq, 3)
     blend: InpaintBlend | None = None
+    loras: tuple = ()  # fluxray.lora.LoraChoice of its rows (the same for its n images and their CFG rows)
 
     @property
     def num_steps(self) -> int:
@@ -209,6 +211,7 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
     else:
         sigma_in, guidance_in = sigma, guidance
     cond = PromptEmbeds.cat(embeds)
+    _select_loras(transformer, active, cfg)
 
     # FluxPipeline passes timestep t/1000 with t = sigma*1000 cast to the latents' dtype.
     timestep = (sigma_in * 1000).to(dtype).to(device) / 1000
@@ -240,6 +243,19 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
         if t.blend is not None:
             new = t.blend.apply(new, None if t.done else t.sigmas[t.step])
         t.latents = new
+
+
+def _select_loras(transformer, active: Sequence[DenoiseTask], cfg: Sequence[DenoiseTask]) -> None:
+    """Tell the transformer's LoRA bank (fluxray.lora) each row's adapters, in the call's row order:
+    every task's rows, then the true-CFG tasks' negative rows."""
+    bank = getattr(transformer, "fluxray_loras", None)
+    if bank is None:
+        if any(t.loras for t in active):
+            raise ValueError("this transformer has no LoRA adapters attached (fluxray.lora.attach_loras)")
+        return
+    rows = [t.loras for t in active for _ in range(t.latents.shape[0])]
+    rows += [t.loras for t in cfg for _ in range(t.latents.shape[0])]
+    bank.select(rows)
 
 
 def denoise(
@@ -282,4 +298,5 @@ def denoise_task(
         guidance=params.guidance_per_step(),
         negative=negative.select(rows).to(device, dtype) if negative is not None and params.do_true_cfg else None,
         true_cfg_scale=params.true_cfg_scale,
+        loras=tuple(LoraChoice(lora.name, lora.scale) for lora in params.loras),
     )

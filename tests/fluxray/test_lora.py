@@ -1,0 +1,158 @@
+"""LoRA per request in the engine: files read through diffusers' converters, the images equal to diffusers'
+FluxPipeline with load_lora_weights + set_adapters on the same tiny weights, and rows with different
+adapters sharing one transformer call give each row its own image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from image_checks import diffusers_image, max_pixel_diff
+
+from fluxray.lora import LoraChoice, LoraError, attach_loras, read_lora
+from fluxray.params import GenerationParams
+from fluxray.pipeline import Pipeline
+
+PROMPT = "a red circle on the left, blue background"
+TARGETS = (
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_v",
+    "transformer_blocks.1.ff.net.2",
+    "single_transformer_blocks.0.proj_mlp",
+    "single_transformer_blocks.1.attn.to_k",
+    "proj_out",
+)
+
+
+def make_lora(path, transformer, seed: int, rank: int, alpha: float | None = None, targets=TARGETS) -> None:
+    """A PEFT-layout LoRA for the tiny transformer, saved by diffusers' own save_lora_weights (with its
+    adapter metadata when alpha is given, so the file says lora_alpha / r)."""
+    from diffusers import FluxPipeline
+
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(transformer.named_modules())
+    layers = {}
+    for name in targets:
+        linear = modules[name]
+        linear = getattr(linear, "base", linear)
+        layers[f"{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator) * 0.3
+        layers[f"{name}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.3
+    metadata = None
+    if alpha is not None:
+        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+    FluxPipeline.save_lora_weights(
+        path.parent,
+        transformer_lora_layers=layers,
+        weight_name=path.name,
+        transformer_lora_adapter_metadata=metadata,
+    )
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    source = Pipeline.load("tiny", device="cpu")
+    make_lora(folder / "style.safetensors", source.transformer, seed=1, rank=4)
+    make_lora(folder / "subject.safetensors", source.transformer, seed=2, rank=8, alpha=4.0, targets=TARGETS[1:])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_pipeline(loras):
+    pipeline = Pipeline.load("tiny", device="cpu")
+    bank = attach_loras(pipeline.transformer, max_per_row=2, max_rank=8)
+    for name in ("style", "subject"):
+        bank.add(read_lora(loras / f"{name}.safetensors", pipeline.transformer))
+    return pipeline
+
+
+def peer_image(loras, adapters: dict[str, float], seed: int, **kwargs) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    from fluxray.sources import TINY_MODEL_DIR
+
+    pipe = FluxPipeline.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for name in adapters:
+        pipe.load_lora_weights(str(loras / f"{name}.safetensors"), adapter_name=name)
+    pipe.set_adapters(list(adapters), adapter_weights=list(adapters.values()))
+    return diffusers_image(pipe, PROMPT, seed, **kwargs)
+
+
+KW = dict(width=64, height=64, num_inference_steps=4)
+
+
+@pytest.mark.parametrize("adapters", [{"style": 1.0}, {"subject": 0.7}, {"style": 0.6, "subject": 1.3}])
+def test_loras_match_diffusers_set_adapters(loras, lora_pipeline, adapters):
+    choices = [{"name": n, "scale": s} for n, s in adapters.items()]
+    ours = lora_pipeline.generate(GenerationParams(prompt=PROMPT, seed=5, loras=choices, **KW))[0]
+    theirs = peer_image(loras, adapters, 5, **KW)
+    assert max_pixel_diff(ours.pixels, theirs) <= 2
+    plain = lora_pipeline.generate(GenerationParams(prompt=PROMPT, seed=5, **KW))[0]
+    assert max_pixel_diff(ours.pixels, plain.pixels) > 4  # the adapters did something
+    assert ours.metadata()["loras"] == choices
+
+
+def test_a_mixed_adapter_batch_equals_each_request_alone(lora_pipeline):
+    requests = [
+        GenerationParams(prompt=PROMPT, seed=1, loras=[{"name": "style", "scale": 1.0}], **KW),
+        GenerationParams(prompt=PROMPT, seed=2, loras=[{"name": "subject", "scale": 0.5}], n=2, **KW),
+        GenerationParams(prompt=PROMPT, seed=3, **KW),
+        GenerationParams(
+            prompt=PROMPT,
+            seed=4,
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            loras=[{"name": "style", "scale": 0.5}, {"name": "subject", "scale": 1.0}],
+            **KW,
+        ),
+    ]
+    together = lora_pipeline.generate(requests)  # one transformer call per step for all five images
+    alone = [image for r in requests for image in lora_pipeline.generate(r)]
+    assert len(together) == len(alone) == 5
+    for a, b in zip(together, alone):
+        assert max_pixel_diff(a.pixels, b.pixels) <= 1
+
+
+def test_scale_zero_equals_no_lora(lora_pipeline):
+    zero = lora_pipeline.generate(GenerationParams(prompt=PROMPT, seed=9, loras=[{"name": "style", "scale": 0}], **KW))
+    none = lora_pipeline.generate(GenerationParams(prompt=PROMPT, seed=9, **KW))
+    assert max_pixel_diff(zero[0].pixels, none[0].pixels) == 0
+
+
+def test_unusable_files_are_refused_with_the_reason(tmp_path, lora_pipeline):
+    transformer = lora_pipeline.transformer
+    (tmp_path / "evil.pt").write_bytes(b"not even a pickle")
+    with pytest.raises(Exception, match="pickle"):
+        read_lora(tmp_path / "evil.pt", transformer)
+    from safetensors.torch import save_file
+
+    save_file({"transformer.no_such_block.lora_A.weight": torch.zeros(2, 3)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(LoraError, match="do not fit this model's transformer"):
+        read_lora(tmp_path / "wrong.safetensors", transformer)
+    save_file(
+        {
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2),
+        },
+        str(tmp_path / "te.safetensors"),
+    )
+    with pytest.raises(LoraError, match="text-encoder LoRA keys"):
+        read_lora(tmp_path / "te.safetensors", transformer)
+    big = {}
+    make_lora(tmp_path / "big.safetensors", transformer, seed=3, rank=16, targets=TARGETS[:1])
+    with pytest.raises(LoraError, match="rank 16"):
+        read_lora(tmp_path / "big.safetensors", transformer, max_rank=8)
+    assert big == {}
+
+
+def test_requests_name_loaded_adapters_only(lora_pipeline):
+    from pydantic import ValidationError
+
+    with pytest.raises(LoraError, match="not loaded"):
+        lora_pipeline.generate(GenerationParams(prompt=PROMPT, loras=[{"name": "nope", "scale": 1}], **KW))
+    with pytest.raises(ValidationError, match="loras"):
+        GenerationParams(prompt=PROMPT, loras=[{"name": f"a{i}", "scale": 1} for i in range(5)])
+    with pytest.raises(ValidationError, match="scale"):
+        GenerationParams(prompt=PROMPT, loras=[{"name": "style", "scale": float("nan")}])
+    assert LoraChoice("style").scale == 1.0
