@@ -90,7 +90,12 @@ def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults,
         options = {
             "batch_size": batch or resources.batch_size,
             "batch_format": "pyarrow",
-            "compute": ray.data.ActorPoolStrategy(size=resources.actors),
+            # In a pass that retries lost rows, an actor holds one batch at a time: a batch queued
+            # behind another on a worker that dies would die with it, and a healthy row could use up
+            # its tries beside a poisoned one even when each is alone in its batch.
+            "compute": ray.data.ActorPoolStrategy(
+                size=resources.actors, max_tasks_in_flight_per_actor=1 if batch else None
+            ),
             "num_cpus": resources.cpus,
             # A dead actor is always replaced; what is bounded is how often one batch is tried, and
             # every death uses up a try, so restarts are bounded too. (A per-actor restart cap left
