@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from fluxray.acceleration import SpeedOptions
-from fluxray.params import MAX_PROMPT_CHARS, parse_size
+from fluxray.params import MAX_LORAS, MAX_PROMPT_CHARS, parse_size
 
 
 class ObjectStoreConfig(BaseModel):
@@ -42,6 +42,21 @@ class AppConfig(BaseModel):
         description="More models served beside `model` (e.g. flux-kontext, flux-fill), each named by its spec and "
         "run by a Denoiser deployment of its own (Denoiser-<name>); they share `model`'s TextEncoder and VAE, so "
         "their text encoders and VAE must be the same weights. A request picks one with `model`.",
+    )
+    lora_root: str | None = Field(
+        default=None,
+        description="Directory of LoRA files (*.safetensors, each named by its stem) that requests may name; "
+        "requests never give paths or URLs.",
+    )
+    loras: dict[str, str] = Field(default_factory=dict, description="More LoRAs by name: {name: path}.")
+    max_loras_per_request: int = Field(
+        default=MAX_LORAS, ge=1, le=MAX_LORAS, description="Adapters one request may combine."
+    )
+    max_lora_rank: int = Field(
+        default=64, ge=1, le=1024, description="Largest LoRA rank; every row is padded to it (no recompiles)."
+    )
+    max_resident_loras: int = Field(
+        default=8, ge=1, description="Adapters each Denoiser replica keeps loaded, least recently used evicted."
     )
     device: str = Field(default="auto", description="auto (CUDA when the replica has a GPU), cpu, cuda.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -26,10 +26,12 @@ import torch
 from ray import serve
 
 from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
+from deployments.lora_cache import LoraResidency
 from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
 from fluxray.editing import EncodedEdit, edit_task
+from fluxray.lora import LoraError, LoraRegistry, attach_loras, read_lora
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -74,6 +76,17 @@ class DenoiserDeployment:
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
+        # LoRAs: loaded on first use in a thread of their own (the step loop goes on meanwhile), kept up to
+        # max_resident_loras, least recently used evicted once no request holds it.
+        self.lora_registry = LoraRegistry(self.config.lora_root, self.config.loras)
+        self.lora_bank = None
+        if self.lora_registry:
+            self.lora_bank = attach_loras(
+                self.transformer, self.config.max_loras_per_request, self.config.max_lora_rank
+            )
+        self.lora_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self.lora_loading: dict[str, asyncio.Future] = {}
+        self.lora_residency = LoraResidency(self.config.max_resident_loras)
         self.scheduler = Scheduler(
             policy=self.config.scheduler,
             max_batch_tokens=self.config.denoiser_max_batch_tokens,
@@ -115,6 +128,7 @@ class DenoiserDeployment:
     ) -> DenoisedLatents:
         """Denoise a resolved request's n images; returns their packed latents on the CPU. An edit
         (fluxray.editing.EditParams) comes with its input from the VAEEncoder."""
+        await self._load_loras(params)
         jobs = self._submit(encoded, params, edit=edit)
         return await self._finish(jobs, encoded, edit)
 
@@ -139,6 +153,7 @@ class DenoiserDeployment:
         `queue`: admit the request however long it would wait (async jobs wait by design; their
         number is bounded at the ingress), instead of refusing it past max_queue_wait_s."""
         watch: asyncio.Queue = asyncio.Queue()
+        await self._load_loras(params)
         jobs = self._submit(encoded, params, watch, queue, edit)
         finished = asyncio.ensure_future(self._finish(jobs, encoded, edit))
         position, eta = self._ahead(jobs)
@@ -176,6 +191,36 @@ class DenoiserDeployment:
             if not finished.done():
                 finished.cancel()
                 await asyncio.gather(finished, return_exceptions=True)
+
+    async def _load_loras(self, params: GenerationParams) -> None:
+        """The request's adapters in the bank: loaded (off the step loop) if they are not."""
+        if not params.loras:
+            return
+        if self.lora_bank is None:
+            raise LoraError("this server has no LoRAs")
+        loop = asyncio.get_running_loop()
+        self.lora_residency.touch([lora.name for lora in params.loras], time.monotonic())
+        for lora in params.loras:
+            if lora.name in self.lora_bank.adapters:
+                continue
+            loading = self.lora_loading.get(lora.name)
+            if loading is None:  # one load per adapter however many requests wait for it
+                path, rank = self.lora_registry.path(lora.name), self.config.max_lora_rank
+                loading = asyncio.ensure_future(
+                    loop.run_in_executor(self.lora_loader, read_lora, path, self.transformer, lora.name, rank)
+                )
+                loading.add_done_callback(lambda _, name=lora.name: self.lora_loading.pop(name, None))
+                self.lora_loading[lora.name] = loading
+            adapter = await asyncio.shield(loading)
+            if lora.name not in self.lora_bank.adapters:
+                self._evict_loras(keep={x.name for x in params.loras})
+                self.lora_bank.add(adapter)
+
+    def _evict_loras(self, keep: set[str]) -> None:
+        """Make room for one more adapter (deployments.lora_cache decides which go)."""
+        held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras} | keep
+        for name in self.lora_residency.to_evict(self.lora_bank.adapters, held):
+            self.lora_bank.remove(name)
 
     def _ahead(self, jobs: list[Job]) -> tuple[int, float]:
         """A request's queue position (its least, over its parts) and seconds until its last part is done."""

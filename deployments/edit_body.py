@@ -4,6 +4,7 @@ and what it means is fluxray.images' and fluxray.editing's."""
 
 import base64
 import binascii
+import json
 import re
 
 from fastapi import Request
@@ -15,6 +16,7 @@ from deployments.protocol import ImageEditRequest
 from fluxray.params import describe_validation_error
 
 FILE_FIELDS = ("image", "image[]", "mask")
+JSON_FORM_FIELDS = ("loras",)  # a list in a form: sent as JSON text, e.g. loras='[{"name": "ink"}]'
 MAX_FORM_FIELDS = 64
 MAX_FORM_FILES = 17  # OpenAI takes up to 16 images and a mask; fluxray's models use one image
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
@@ -79,6 +81,11 @@ async def _read_form(request: Request) -> tuple[ImageEditRequest, list[bytes], b
             raise APIError(400, f"{key}: a file where a value was expected", key)
         elif key in fields:
             raise APIError(400, f"{key}: sent twice", key)
+        elif key in JSON_FORM_FIELDS:
+            try:
+                fields[key] = json.loads(value)
+            except ValueError:
+                raise APIError(400, f"{key}: not JSON (a form field carries it as JSON text)", key) from None
         else:
             fields[key] = value
     await form.close()

@@ -13,6 +13,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.errors import APIError
 from deployments.scheduler import QueueFull, retry_after
+from fluxray.lora import LoraError
 
 logger = logging.getLogger("ray.serve")
 # A stage replica that died (or is being replaced) under a request: the request is safe to run again.
@@ -40,6 +41,11 @@ def replica_lost(error: BaseException) -> bool:
 def at_capacity(error: BaseException) -> bool:
     """Whether a stage refused the call for now (its queue full, or no replica yet)."""
     return any(isinstance(e, AT_CAPACITY) for e in _causes(error))
+
+
+def lora_error(error: BaseException) -> LoraError | None:
+    """A LoRA the Denoiser could not use (a broken file, keys that do not fit), if that is what this is."""
+    return next((e for e in _causes(error) if isinstance(e, LoraError)), None)
 
 
 def queue_full(error: BaseException) -> QueueFull | None:
@@ -120,6 +126,8 @@ class GraphRunner:
                     message = f"{full}; retry later"
                     headers = {"Retry-After": str(retry_after(full.wait_s))}
                     raise APIError(429, message, kind="rate_limit_error", headers=headers) from None
+                if bad := lora_error(error):
+                    raise APIError(422, f"loras: {bad}", "loras", code="lora_unusable") from None
                 if not replica_lost(error):
                     raise
                 if attempt == self.retries:

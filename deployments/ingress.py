@@ -43,6 +43,8 @@ from deployments.protocol import (
     ImageJob,
     ImageJobRequest,
     ImagesResponse,
+    LoraCard,
+    LoraList,
     ModelCard,
     ModelList,
     to_generation_params,
@@ -60,6 +62,7 @@ from fluxray.images import (
     mask_from_alpha,
     read_input_image,
 )
+from fluxray.lora import LoraRegistry
 from fluxray.params import GenerationParams, describe_validation_error, parse_size
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import PromptLength
@@ -71,7 +74,16 @@ TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
 ROUTES = frozenset(
-    {"/v1/images/generations", "/v1/images/edits", "/generate", "/v1/models", "/healthz", "/v1/images/jobs", "/"}
+    {
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/generate",
+        "/v1/models",
+        "/v1/loras",
+        "/healthz",
+        "/v1/images/jobs",
+        "/",
+    }
 )
 JOB_PATH = re.compile(r"^/v1/images/jobs/[^/]+(/events)?$")  # labelled by template, not by id
 JOB_ID = re.compile(r"^imgjob_[0-9a-f]{24}$")
@@ -167,6 +179,7 @@ class Ingress:
         source = resolve_model(self.config.model)
         self.prompt_length = PromptLength.load(source)  # the tokenizers only: a few MB, no model
         self.model_name = next(iter(served))  # the default model
+        self.lora_registry = LoraRegistry(self.config.lora_root, self.config.loras)
         denoisers = dict(zip(served, denoisers))  # the models' Denoisers, in the order build_app bound them
         self.encoder, self.denoisers, self.vae, self.vae_encoder = encoder, denoisers, vae, vae_encoder
         self.store = ObjectStore(self.config.object_store) if self.config.object_store else None
@@ -264,6 +277,7 @@ class Ingress:
             raise APIError(400, message, PARAM_OF_FIELD.get(param, param)) from None
         except ValueError as error:
             raise APIError(400, f"size: {error}", "size") from None
+        self._check_loras(params)
         passes = 2 if params.do_true_cfg else 1
         work = params.n * params.width * params.height * params.num_inference_steps * passes
         if work > self.config.max_pixel_steps:
@@ -287,6 +301,23 @@ class Ingress:
                 code="batch_token_budget_exceeded",
             )
         return params
+
+    def _check_loras(self, params: GenerationParams) -> None:
+        """Every LoRA a request names is one of the server's (404 naming it), within its count."""
+        known = self.lora_registry.files
+        for lora in params.loras:
+            if lora.name not in known:
+                raise APIError(
+                    404,
+                    f"loras: unknown LoRA {lora.name[:200]!r}; GET /v1/loras lists this server's",
+                    "loras",
+                    "not_found_error",
+                    code="lora_not_found",
+                )
+        if len(params.loras) > self.config.max_loras_per_request:
+            raise APIError(
+                400, f"loras: at most {self.config.max_loras_per_request} per request on this server", "loras"
+            )
 
     async def _generate(
         self, params: GenerationParams, model: str, edit: EditInputs | None = None, extra: dict | None = None
@@ -522,6 +553,11 @@ class Ingress:
     @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]}, dependencies=API_KEY)
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=name, created=self.started) for name in self.specs])
+
+    @app.get("/v1/loras", response_model=LoraList, responses={401: ERRORS[401]}, dependencies=API_KEY)
+    async def loras(self) -> LoraList:
+        """The LoRA adapters requests may name (fluxray extension)."""
+        return LoraList(data=[LoraCard(id=name) for name in self.lora_registry.names()])
 
     def stats(self) -> dict:
         """For operators and tests, through a DeploymentHandle (not an HTTP route)."""

@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from fluxray.params import (
     MAX_GUIDANCE,
     MAX_IMAGES,
+    MAX_LORAS,
     MAX_PROMPT_CHARS,
     MAX_STEPS,
     SEED_LIMIT,
     GenerationParams,
+    LoraRequest,
     parse_size,
 )
 
@@ -57,6 +59,11 @@ class ImageGenerationRequest(BaseModel):
         default=None, ge=1, le=MAX_GUIDANCE, description="True CFG scale (> 1 with negative_prompt)."
     )
     prompt_2: str | None = Field(default=None, description="Separate prompt for the T5 encoder.")
+    loras: list[LoraRequest] | None = Field(
+        default=None,
+        max_length=MAX_LORAS,
+        description='LoRA adapters by name (GET /v1/loras) and their scales, e.g. [{"name": "ink", "scale": 0.8}].',
+    )
 
 
 class ImageEditRequest(ImageGenerationRequest):
@@ -169,6 +176,16 @@ class ModelCard(BaseModel):
     owned_by: str = "fluxray"
 
 
+class LoraCard(BaseModel):
+    id: str
+    object: Literal["lora"] = "lora"
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
@@ -200,4 +217,6 @@ def to_generation_params(
     }
     if request.true_cfg_scale is not None:
         fields["true_cfg_scale"] = request.true_cfg_scale
+    if request.loras:
+        fields["loras"] = tuple(request.loras)
     return GenerationParams(**fields)

@@ -100,6 +100,7 @@ class Cluster:
         config = yaml.safe_load(LOCAL_CONFIG.read_text())
         config["http_options"]["port"] = self.http_port
         main = config["applications"][0]
+        main["args"]["lora_root"] = str(self.loras())
         main["args"]["object_store"] = {
             "bucket": self.bucket,
             "endpoint_url": self.s3_endpoint,
@@ -119,6 +120,7 @@ class Cluster:
         # One model in the other applications (the main one serves the edit variants beside tiny), and
         # their VAEEncoders scaled to zero: none of their tests edits.
         tight["args"].pop("models")
+        tight["args"].pop("lora_root")
         tight["deployments"] = [d for d in tight["deployments"] if not d["name"].startswith("Denoiser-")]
         for deployment in tight["deployments"]:
             deployment["ray_actor_options"] = {"num_cpus": 0.1}
@@ -144,6 +146,7 @@ class Cluster:
         }
         guarded["args"].pop("object_store")
         guarded["args"].pop("models")
+        guarded["args"].pop("lora_root")
         for deployment in guarded["deployments"]:
             if deployment["name"] == "Denoiser":
                 deployment.update(max_ongoing_requests=8, max_queued_requests=16)
@@ -166,12 +169,23 @@ class Cluster:
         }
         shared["args"].pop("object_store")
         shared["args"].pop("models")
+        shared["args"].pop("lora_root")
         for deployment in shared["deployments"]:
             if deployment["name"] == "Ingress":
                 deployment["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 2}
             if deployment["name"] == "Denoiser":
                 deployment.update(max_ongoing_requests=16, max_queued_requests=32)
         return shared
+
+    def loras(self) -> Path:
+        """The main application's LoRA directory: the tiny LoRAs (scripts/make_tiny_loras.py), made once."""
+        folder = self.tmp / "loras"
+        if not folder.exists():
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from make_tiny_loras import make_tiny_loras
+
+            make_tiny_loras(folder)
+        return folder
 
     def deploy(self, config: dict) -> None:
         """`serve deploy` a whole config (its applications replace the running set) and wait until each is RUNNING."""
