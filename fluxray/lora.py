@@ -7,7 +7,8 @@ never converts keys itself. Safetensors only. Each adapter becomes, per target L
 B (out, r) with its alpha / r folded into B, the scaling PEFT applies (`lora_alpha / r`, alpha = r when the
 file has none).
 
-`attach_loras(transformer)` wraps every Linear of the transformer in `LoraLinear`, sharing one `LoraBank`:
+`attach_loras(transformer)` gives the transformer one `LoraBank`; adding an adapter wraps the Linears it
+targets (only those, once each) in `LoraLinear` around the bank:
 the adapters loaded (by name) and, for the current call, each row's adapters and scales. Before a call the
 step function gives the bank the rows' adapter sets (`LoraBank.select`); each wrapped Linear then adds
 `(x @ A_row^T) @ B_row^T` with A_row, B_row the row's adapters stacked along the rank and padded to
@@ -32,6 +33,9 @@ MAX_LORAS_PER_ROW = 4
 MAX_RANK = 128
 MAX_FILE_BYTES = 2 << 30
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+# Projections that diffusers' fuse_qkv_projections replaces by to_qkv / to_added_qkv while keeping the
+# originals: a LoRA on them would be wrapped on modules the fused forward no longer calls.
+FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 
 class LoraError(ValueError):
@@ -133,10 +137,14 @@ def read_lora(
                 break
         else:
             unmatched.append(key)
+    fused = []
     for module, pair in weights.items():
         target = modules.get(module)
         if isinstance(target, LoraLinear):
             target = target.base
+        parent = modules.get(module.rpartition(".")[0])
+        if getattr(parent, "fused_projections", False) and module.rpartition(".")[2] in FUSED_PROJECTIONS:
+            fused.append(f"transformer.{module}")
         ok = isinstance(target, nn.Linear) and set(pair) == {"lora_A", "lora_B"}
         if ok:
             a, b = pair["lora_A"], pair["lora_B"]
@@ -144,6 +152,11 @@ def read_lora(
             ok = ok and a.shape[0] == b.shape[1]
         if not ok:
             unmatched.append(f"transformer.{module}.lora_A.weight")
+    if fused:
+        raise LoraError(
+            f"{path.name}: targets q/k/v projections this transformer runs fused "
+            f"({', '.join(sorted(fused)[:3])}); serve LoRAs with the speed switch fuse_qkv off"
+        )
     if unmatched:
         raise LoraError(
             f"{path.name}: its keys do not fit this model's transformer (first: {', '.join(sorted(unmatched)[:3])})"
@@ -171,6 +184,7 @@ class LoraBank:
     max_rank: int = MAX_RANK
     adapters: dict[str, LoraAdapter] = field(default_factory=dict)
     rows: tuple[tuple[LoraChoice, ...], ...] = ()
+    transformer: nn.Module | None = field(default=None, repr=False)  # whose Linears add() wraps
     _stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -178,8 +192,11 @@ class LoraBank:
         return self.max_per_row * self.max_rank
 
     def add(self, adapter: LoraAdapter) -> None:
+        """Load the adapter: the Linears it targets are wrapped now (once each; the rest stay plain)."""
         if adapter.rank > self.max_rank:
             raise LoraError(f"{adapter.name}: rank {adapter.rank}, over max_lora_rank {self.max_rank}")
+        if self.transformer is not None:
+            wrap_targets(self.transformer, adapter)
         self.adapters[adapter.name] = adapter
         self._stacked.clear()
 
@@ -267,44 +284,24 @@ class LoraLinear(nn.Module):
 
 
 def attach_loras(transformer: nn.Module, max_per_row: int = MAX_LORAS_PER_ROW, max_rank: int = MAX_RANK) -> LoraBank:
-    """Wrap each Linear of the transformer (once) and return their shared bank."""
+    """The transformer's bank (made once). No Linear is wrapped until an adapter that targets it is added
+    (`wrap_targets`), so a transformer whose requests use no LoRA runs exactly as before."""
     existing = getattr(transformer, "fluxray_loras", None)
     if existing is not None:
         return existing
-    bank = LoraBank(max_per_row, max_rank)
-    for name, module in list(transformer.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                path = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, LoraLinear(child, path, bank))
+    bank = LoraBank(max_per_row, max_rank, transformer=transformer)
     transformer.fluxray_loras = bank
     return bank
 
 
-class LoraRegistry:
-    """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem)
-    and the `files` given by name. Requests name adapters; they never point at files or URLs."""
-
-    def __init__(self, root: str | Path | None = None, files: dict[str, str] | None = None):
-        self.files: dict[str, Path] = {}
-        if root:
-            if str(root).startswith("s3://"):
-                raise LoraError(f"lora_root {root}: s3:// LoRA roots are not supported yet; sync them to a directory")
-            folder = Path(root)
-            if not folder.is_dir():
-                raise LoraError(f"lora_root {root}: no such directory")
-            self.files.update({p.stem: p for p in sorted(folder.glob("*.safetensors"))})
-        for name, path in (files or {}).items():
-            self.files[name] = Path(path)
-
-    def names(self) -> list[str]:
-        return sorted(self.files)
-
-    def __bool__(self) -> bool:
-        return bool(self.files)
-
-    def path(self, name: str) -> Path:
-        try:
-            return self.files[name]
-        except KeyError:
-            raise LoraError(f"unknown LoRA {name!r}") from None
+def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
+    """Wrap the Linears the adapter targets (once each) around the transformer's bank."""
+    bank = transformer.fluxray_loras
+    modules = dict(transformer.named_modules())
+    for path in adapter.pairs:
+        target = modules[path]
+        if isinstance(target, LoraLinear):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = modules[parent_path] if parent_path else transformer
+        setattr(parent, child, LoraLinear(target, path, bank))

@@ -156,3 +156,18 @@ def test_requests_name_loaded_adapters_only(lora_pipeline):
     with pytest.raises(ValidationError, match="scale"):
         GenerationParams(prompt=PROMPT, loras=[{"name": "style", "scale": float("nan")}])
     assert LoraChoice("style").scale == 1.0
+
+
+def test_only_the_targeted_linears_are_wrapped_and_fused_qkv_is_refused(loras):
+    from fluxray.lora import LoraLinear
+
+    pipeline = Pipeline.load("tiny", device="cpu")
+    bank = attach_loras(pipeline.transformer, max_per_row=2, max_rank=8)
+    assert not any(isinstance(m, LoraLinear) for m in pipeline.transformer.modules())  # nothing until an adapter
+    bank.add(read_lora(loras / "style.safetensors", pipeline.transformer))
+    wrapped = sorted(m.module_name for m in pipeline.transformer.modules() if isinstance(m, LoraLinear))
+    assert wrapped == sorted(TARGETS)
+    fused = Pipeline.load("tiny", device="cpu")
+    fused.transformer.fuse_qkv_projections()
+    with pytest.raises(LoraError, match="fuse_qkv off"):
+        read_lora(loras / "style.safetensors", fused.transformer)  # it targets to_q and to_v
