@@ -305,3 +305,32 @@ def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
         parent_path, _, child = path.rpartition(".")
         parent = modules[parent_path] if parent_path else transformer
         setattr(parent, child, LoraLinear(target, path, bank))
+
+
+class LoraRegistry:
+    """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem)
+    and the `files` given by name. Requests name adapters; they never point at files or URLs."""
+
+    def __init__(self, root: str | Path | None = None, files: dict[str, str] | None = None):
+        self.files: dict[str, Path] = {}
+        if root:
+            if str(root).startswith("s3://"):
+                raise LoraError(f"lora_root {root}: s3:// LoRA roots are not supported yet; sync them to a directory")
+            folder = Path(root)
+            if not folder.is_dir():
+                raise LoraError(f"lora_root {root}: no such directory")
+            self.files.update({p.stem: p for p in sorted(folder.glob("*.safetensors"))})
+        for name, path in (files or {}).items():
+            self.files[name] = Path(path)
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def path(self, name: str) -> Path:
+        try:
+            return self.files[name]
+        except KeyError:
+            raise LoraError(f"unknown LoRA {name!r}") from None
