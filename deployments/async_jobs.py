@@ -33,6 +33,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.denoiser import routed
 from deployments.errors import APIError
 from deployments.graph_runner import at_capacity, replica_lost
 from deployments.job_store import JobStore, Patient
@@ -274,7 +275,8 @@ class AsyncJobs:
 
     async def _denoise(self, job_id, params, negative, every, placed: asyncio.Event, model: str):
         encoded = self.encoder.encode.remote(params.prompt, params.prompt_2, negative)
-        stream = self.denoisers[model].options(stream=True).denoise_stream.remote(encoded, params, every, True)
+        denoiser = routed(self.denoisers[model], params).options(stream=True)
+        stream = denoiser.denoise_stream.remote(encoded, params, every, True)
         try:
             async for event in stream:
                 kind = event["event"]

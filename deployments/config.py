@@ -58,6 +58,11 @@ class AppConfig(BaseModel):
     max_resident_loras: int = Field(
         default=8, ge=1, description="Adapters each Denoiser replica keeps loaded, least recently used evicted."
     )
+    lora_host_cache_bytes: int = Field(
+        default=4 << 30,
+        ge=0,
+        description="Host memory per Denoiser replica for adapters evicted from the device (brought back by a copy).",
+    )
     device: str = Field(default="auto", description="auto (CUDA when the replica has a GPU), cpu, cuda.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: bfloat16 on GPUs, float32 on CPUs."

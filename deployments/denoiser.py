@@ -26,12 +26,12 @@ import torch
 from ray import serve
 
 from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
-from deployments.lora_cache import LoraResidency
 from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
 from fluxray.editing import EncodedEdit, edit_task
-from fluxray.lora import LoraError, LoraRegistry, attach_loras, read_lora
+from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
+from fluxray.lora_cache import HostCache, LoraResidency
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -68,25 +68,44 @@ class _Work:
     watch: asyncio.Queue | None = None  # gets None after every step that may change what it reports
 
 
+# Adapter sets a replica reports to Serve's router as held (model multiplexing, see `routed`).
+MULTIPLEXED_ADAPTER_SETS = 32
+
+
+def adapter_set_key(params: GenerationParams) -> str:
+    """The request's adapter set as one id, whatever the order and scales: 'loras:cat+ink'."""
+    return "loras:" + "+".join(sorted(lora.name for lora in params.loras))
+
+
+def routed(handle, params: GenerationParams):
+    """The Denoiser handle for a request: one with adapters is tagged with its adapter set (Serve's
+    multiplexed model id), so Serve's router prefers a replica that already holds those adapters and falls
+    back to the least loaded when that replica is busy."""
+    if not params.loras:
+        return handle
+    return handle.options(multiplexed_model_id=adapter_set_key(params))
+
+
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
     def __init__(self, config: dict):
         self.args = AppConfig.model_validate(config)
         self.config = self.args  # with the user_config's settings over it (reconfigure)
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
-        self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         # LoRAs: loaded on first use in a thread of their own (the step loop goes on meanwhile), kept up to
         # max_resident_loras, least recently used evicted once no request holds it.
         self.lora_registry = LoraRegistry(self.config.lora_root, self.config.loras)
-        self.lora_bank = None
+        slots = None
         if self.lora_registry:
-            self.lora_bank = attach_loras(
-                self.transformer, self.config.max_loras_per_request, self.config.max_lora_rank
-            )
+            config = self.config
+            slots = LoraSlots(config.max_loras_per_request, config.max_lora_rank, config.max_resident_loras)
+        self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed, slots)
+        self.lora_bank = getattr(self.transformer, "fluxray_loras", None)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.lora_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
         self.lora_loading: dict[str, asyncio.Future] = {}
         self.lora_residency = LoraResidency(self.config.max_resident_loras)
+        self.lora_host = HostCache(self.config.lora_host_cache_bytes)
         self.scheduler = Scheduler(
             policy=self.config.scheduler,
             max_batch_tokens=self.config.denoiser_max_batch_tokens,
@@ -192,19 +211,31 @@ class DenoiserDeployment:
                 finished.cancel()
                 await asyncio.gather(finished, return_exceptions=True)
 
+    @serve.multiplexed(max_num_models_per_replica=MULTIPLEXED_ADAPTER_SETS)
+    async def _adapter_set(self, key: str) -> str:
+        """What this replica tells Serve's router it holds (the adapter sets of its recent requests). The
+        adapters themselves are loaded and evicted by _load_loras (fluxray.lora_cache), not by Serve's LRU."""
+        return key
+
     async def _load_loras(self, params: GenerationParams) -> None:
         """The request's adapters in the bank: loaded (off the step loop) if they are not."""
         if not params.loras:
             return
         if self.lora_bank is None:
             raise LoraError("this server has no LoRAs")
+        if serve.get_multiplexed_model_id():
+            await self._adapter_set(serve.get_multiplexed_model_id())
         loop = asyncio.get_running_loop()
         self.lora_residency.touch([lora.name for lora in params.loras], time.monotonic())
         for lora in params.loras:
             if lora.name in self.lora_bank.adapters:
                 continue
             loading = self.lora_loading.get(lora.name)
-            if loading is None:  # one load per adapter however many requests wait for it
+            cached = self.lora_host.take(lora.name) if loading is None else None
+            if cached is not None:  # evicted earlier: back from host memory
+                loading = asyncio.get_running_loop().create_future()
+                loading.set_result(cached)
+            elif loading is None:  # one load per adapter however many requests wait for it
                 path, rank = self.lora_registry.path(lora.name), self.config.max_lora_rank
                 loading = asyncio.ensure_future(
                     loop.run_in_executor(self.lora_loader, read_lora, path, self.transformer, lora.name, rank)
@@ -217,9 +248,10 @@ class DenoiserDeployment:
                 self.lora_bank.add(adapter)
 
     def _evict_loras(self, keep: set[str]) -> None:
-        """Make room for one more adapter (deployments.lora_cache decides which go)."""
+        """Make room for one more adapter (fluxray.lora_cache decides which go)."""
         held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras} | keep
         for name in self.lora_residency.to_evict(self.lora_bank.adapters, held):
+            self.lora_host.put(self.lora_bank.adapters[name])
             self.lora_bank.remove(name)
 
     def _ahead(self, jobs: list[Job]) -> tuple[int, float]:

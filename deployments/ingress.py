@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 import fluxray
 from deployments.async_jobs import TERMINAL, AsyncJobs, public
 from deployments.config import AppConfig, served_models
+from deployments.denoiser import routed
 from deployments.edit_body import read_edit_body
 from deployments.errors import ERRORS, APIError, install_error_handlers
 from deployments.graph_runner import GraphRunner
@@ -329,7 +330,7 @@ class Ingress:
         negative = params.negative_prompt if params.do_true_cfg else None
         metadata = [{**image_metadata(params, seed, model), **(extra or {})} for seed in params.image_seeds()]
         decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
-        denoiser = self.denoisers[model]
+        denoiser = routed(self.denoisers[model], params)
 
         def launch():
             # Each stage's response goes straight into the next: tensors move replica to replica.

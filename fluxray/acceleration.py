@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fluxray.lora import LoraSlots, attach_loras
 from fluxray.params import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, parse_size
 from fluxray.quantization import (
     Float8Linear,
@@ -299,9 +300,14 @@ def warm_up(model, sizes, max_sequence_length: int, batches=WARMUP_BATCHES) -> N
     them (same dtypes, inference mode), so compiling happens now and not on a request."""
     config = model.config
     device, dtype = model.device, model.dtype
-    for width, height in sizes:
+    bank = getattr(model, "fluxray_loras", None)
+    for width, height, batch, lora in (
+        (w, h, b, lora) for w, h in sizes for b in batches for lora in ((False, True) if bank else (False,))
+    ):
         img, txt = image_ids(height, width, device, dtype), text_ids(max_sequence_length, device, dtype)
-        for batch in batches:
+        if lora:  # the adapter path too (fluxray.lora), with every row on the zero slot
+            bank.dry(batch)
+        try:
             model(
                 hidden_states=torch.randn(batch, img.shape[0], config.in_channels, device=device, dtype=dtype),
                 timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
@@ -314,6 +320,9 @@ def warm_up(model, sizes, max_sequence_length: int, batches=WARMUP_BATCHES) -> N
                 img_ids=img,
                 return_dict=False,
             )
+        finally:
+            if lora:
+                bank.select([])
 
 
 def _set_attention_backend(model, backend: str) -> None:
@@ -330,7 +339,9 @@ def _set_attention_backend(model, backend: str) -> None:
         _AttentionBackendRegistry.set_active_backend(default)
 
 
-def accelerate_transformer(model, speed: ResolvedSpeed, max_sequence_length: int, device=None):
+def accelerate_transformer(
+    model, speed: ResolvedSpeed, max_sequence_length: int, device=None, loras: LoraSlots | None = None
+):
     """Apply the transformer's switches in place, in the order they compose: fuse QKV (so the fused
     weight is what gets quantized), quantize, pick the attention kernel, compile, warm up.
 
@@ -344,6 +355,9 @@ def accelerate_transformer(model, speed: ResolvedSpeed, max_sequence_length: int
     model.to(device)
     if speed.attention is not None:
         _set_attention_backend(model, speed.attention)
+    if loras is not None:
+        # Under compile every block Linear is wrapped before compiling, at fixed shapes (fluxray.lora).
+        attach_loras(model, loras.max_per_row, loras.max_rank, loras.resident, wrap_all=speed.compile)
     if speed.compile:
         _compile(model, speed)
         if speed.warmup_sizes:

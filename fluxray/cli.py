@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args
 from fluxray.editing import EditError, EditParams, default_size, edit_method, fit_size
 from fluxray.images import InputImageError, edit_mask, read_input_image
-from fluxray.params import GenerationParams, describe_validation_error
-from fluxray.sources import ModelSourceError, resolve_model
+from fluxray.lora import LoraError, LoraRegistry, attach_loras, check_lora_file, read_lora
+from fluxray.params import MAX_LORA_SCALE, GenerationParams, describe_validation_error
+from fluxray.sources import PICKLE_SUFFIXES, ModelSourceError, resolve_model
 from fluxray.specs import SPECS
 from fluxray.usage import ArgumentParser, UsageError
 
@@ -35,6 +36,7 @@ FLAG_OF_FIELD = {
     "n": "--n",
     "seed": "--seed",
     "strength": "--strength",
+    "loras": "--lora",
 }
 MAX_INPUT_PIXELS = 4096 * 4096  # an --image or --mask larger than this is refused before it is decoded
 FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -61,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="edit this image (PNG, JPEG, WebP): img2img, or as the model edits")
     gen.add_argument("--mask", default=None, help="with --image: repaint where white (or transparent, with alpha)")
     gen.add_argument("--strength", type=float, default=None, help="with --image: how far toward noise (0-1]")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH[=SCALE]",
+        help="apply a LoRA (a .safetensors file, or a name in --lora-root) at SCALE (default 1); repeatable",
+    )
+    gen.add_argument("--lora-root", default=None, help="directory whose *.safetensors --lora may name by stem")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_speed_arguments(gen)
@@ -121,6 +131,55 @@ def _edit_inputs(args: argparse.Namespace, spec):
     return image.convert("RGB"), mask
 
 
+def _lora_files(args: argparse.Namespace) -> dict[str, tuple[Path, float]]:
+    """{name: (file, scale)} of the --lora options; UsageError for a mistake."""
+    registry = None
+    chosen: dict[str, tuple[Path, float]] = {}
+    for text in args.lora:
+        target, scale = text, 1.0
+        head, sep, tail = text.rpartition("=")
+        if sep:
+            try:
+                target, scale = head, float(tail)
+            except ValueError:
+                raise UsageError(f"--lora: {text!r}: the scale after '=' must be a number") from None
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise UsageError(f"--lora: {text!r}: the scale must be within [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]")
+        if target.endswith(".safetensors") or "/" in target or Path(target).suffix in PICKLE_SUFFIXES:
+            try:
+                path = check_lora_file(target)
+            except (LoraError, ModelSourceError) as e:
+                raise UsageError(f"--lora: {e}") from None
+            name = path.stem
+        else:
+            if registry is None:
+                if args.lora_root is None:
+                    raise UsageError(f"--lora: {target!r} is not a file path; name LoRAs by stem with --lora-root DIR")
+                try:
+                    registry = LoraRegistry(args.lora_root)
+                except LoraError as e:
+                    raise UsageError(f"--lora-root: {e}") from None
+            try:
+                name, path = target, registry.path(target)
+            except LoraError as e:
+                raise UsageError(f"--lora: {e} in {args.lora_root}") from None
+        if name in chosen:
+            raise UsageError(f"--lora: {name!r} given twice")
+        chosen[name] = (path, scale)
+    return chosen
+
+
+def _attach_loras(pipeline, loras: dict[str, tuple[Path, float]]) -> None:
+    """Read the --lora files against the model's transformer and load them (one-line errors)."""
+    try:
+        adapters = [read_lora(path, pipeline.transformer, name) for name, (path, _) in loras.items()]
+    except LoraError as e:
+        raise UsageError(f"--lora: {e}") from None
+    bank = attach_loras(pipeline.transformer, len(adapters), max(a.rank for a in adapters), slots=len(adapters))
+    for adapter in adapters:
+        bank.add(adapter)
+
+
 def _generate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     fmt = FORMAT_OF_SUFFIX.get(output.suffix.lower())
@@ -129,6 +188,7 @@ def _generate(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     spec = source.spec
     image, mask = _edit_inputs(args, spec)
+    loras = _lora_files(args)
     if image is not None and (args.width is None or args.height is None):
         width, height = fit_size(*default_size(spec, image), spec.default_size**2)
         args.width, args.height = args.width or width, args.height or height
@@ -145,6 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
         "n": args.n,
         "seed": args.seed,
         "output_format": fmt,
+        "loras": [{"name": name, "scale": scale} for name, (_, scale) in loras.items()],
     }
     if image is None:
         params = GenerationParams(**fields).resolve(spec)
@@ -163,6 +224,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     pipeline = Pipeline.load(args.model, device=args.device, speed=speed)
+    if loras:
+        _attach_loras(pipeline, loras)
     for encoder in pipeline.text_encoder.length.truncated(params.prompt, params.prompt_2):
         limit = "77" if encoder == "clip" else str(spec.max_sequence_length)
         print(

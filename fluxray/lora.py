@@ -8,20 +8,19 @@ B (out, r) with its alpha / r folded into B, the scaling PEFT applies (`lora_alp
 file has none).
 
 `attach_loras(transformer)` gives the transformer one `LoraBank`; adding an adapter wraps the Linears it
-targets (only those, once each) in `LoraLinear` around the bank:
-the adapters loaded (by name) and, for the current call, each row's adapters and scales. Before a call the
-step function gives the bank the rows' adapter sets (`LoraBank.select`); each wrapped Linear then adds
-`(x @ A_row^T) @ B_row^T` with A_row, B_row the row's adapters stacked along the rank and padded to
-`max_loras_per_row * max_rank` (zeros: a row without adapters adds exact zeros), so a new adapter or a new mix
-changes values, never shapes. The stacked per-row weights are built once per distinct batch composition
-and kept until the composition changes.
+targets (only those, once each) in `LoraLinear` and copies its pairs into a free slot of the bank. Before a
+call the step function gives the bank the rows' adapters (`LoraBank.select`: slot indices and scales per
+row); each wrapped Linear then adds `scale * (x @ A_slot^T) @ B_slot^T` for each of its row's slots, as two
+batched products over the rows (a gathered low-rank delta per row on top of the shared base matmul). Slot 0
+is all zeros: a row without adapters adds exact zeros. See LoraBank for what keeps shapes fixed under
+torch.compile.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +35,17 @@ TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 # Projections that diffusers' fuse_qkv_projections replaces by to_qkv / to_added_qkv while keeping the
 # originals: a LoRA on them would be wrapped on modules the fused forward no longer calls.
 FUSED_PROJECTIONS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # attach_loras(wrap_all=True) wraps these
+
+
+@dataclass(frozen=True)
+class LoraSlots:
+    """How a transformer is made ready for LoRAs when it loads (fluxray.transformer.load_transformer): adapters
+    per row, their highest rank, and how many stay resident before the bank grows."""
+
+    max_per_row: int = MAX_LORAS_PER_ROW
+    max_rank: int = MAX_RANK
+    resident: int = 8
 
 
 class LoraError(ValueError):
@@ -98,12 +108,9 @@ def _matches(module: str, pattern: str) -> bool:
     return module == pattern or module.endswith("." + pattern)
 
 
-def read_lora(
-    path: str | Path, transformer: nn.Module, name: str | None = None, max_rank: int = MAX_RANK
-) -> LoraAdapter:
-    """An adapter from a LoRA file in any layout diffusers reads; LoraError when it cannot be used here."""
-    from diffusers import FluxPipeline
-
+def check_lora_file(path: str | Path) -> Path:
+    """The path of a LoRA file that may be read: an existing .safetensors within the size cap (a pickle
+    checkpoint is refused by fluxray.sources' rule, UnsafeCheckpointError); LoraError otherwise."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path)
@@ -113,6 +120,16 @@ def read_lora(
         raise LoraError(f"{path}: no such LoRA file")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise LoraError(f"{path.name}: {path.stat().st_size} bytes, over the {MAX_FILE_BYTES} bytes a LoRA may have")
+    return path
+
+
+def read_lora(
+    path: str | Path, transformer: nn.Module, name: str | None = None, max_rank: int = MAX_RANK
+) -> LoraAdapter:
+    """An adapter from a LoRA file in any layout diffusers reads; LoraError when it cannot be used here."""
+    from diffusers import FluxPipeline
+
+    path = check_lora_file(path)
     try:
         state, alphas, metadata = FluxPipeline.lora_state_dict(
             str(path), return_alphas=True, return_lora_metadata=True, local_files_only=True
@@ -176,33 +193,84 @@ def read_lora(
     return LoraAdapter(name or path.stem, max(ranks.values()), pairs)
 
 
-@dataclass
 class LoraBank:
-    """The adapters loaded on the transformer, and the current call's rows (see the module docstring)."""
+    """The adapters resident on the transformer, in fixed slots, and the current call's rows.
 
-    max_per_row: int = MAX_LORAS_PER_ROW
-    max_rank: int = MAX_RANK
-    adapters: dict[str, LoraAdapter] = field(default_factory=dict)
-    rows: tuple[tuple[LoraChoice, ...], ...] = ()
-    transformer: nn.Module | None = field(default=None, repr=False)  # whose Linears add() wraps
-    _stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    Every wrapped Linear (LoraLinear) holds one tensor per side for all slots, A (slots + 1, max_rank, in) and
+    B (slots + 1, out, max_rank); slot 0 stays zero (rows without an adapter, unused positions). Adding an
+    adapter copies its pairs into a free slot (zeros where it does not touch a module) and removing one frees
+    the slot; neither changes a shape. `select(rows)` turns each row's adapters into slot indices and scales
+    (rows, max_per_row); each wrapped Linear gathers its rows' slots, so the per-row weights exist only for
+    the Linear running. With `fixed_shapes` (torch.compile) every call uses all max_per_row positions and
+    max_rank columns, so neither a new adapter nor a new mix changes a shape the graphs were compiled for;
+    without it a call uses just the positions and rank its rows need.
+    """
+
+    def __init__(
+        self,
+        max_per_row: int = MAX_LORAS_PER_ROW,
+        max_rank: int = MAX_RANK,
+        slots: int = 8,
+        transformer: nn.Module | None = None,
+        fixed_shapes: bool = False,
+    ):
+        self.max_per_row, self.max_rank, self.slots = max_per_row, max_rank, slots
+        self.transformer, self.fixed_shapes = transformer, fixed_shapes
+        self.adapters: dict[str, LoraAdapter] = {}  # the resident ones (their float32 pairs on the host)
+        self.slot_of: dict[str, int] = {}
+        self.modules: dict[str, LoraLinear] = {}
+        self.rows: tuple[tuple[LoraChoice, ...], ...] = ()
+        self.active = False  # whether the current call's rows use any adapter
+        self.index: torch.Tensor | None = None  # (rows, positions) slot of each row's adapters
+        self.scale: torch.Tensor | None = None  # (rows, positions * rank) each column's scale
+        self.rank = max_rank  # columns per position this call
 
     @property
     def width(self) -> int:
         return self.max_per_row * self.max_rank
 
+    def dry(self, rows: int) -> None:
+        """The adapter path with every row on the zero slot at full width (torch.compile's warm-up)."""
+        self.rows, self.active, self.rank = (), True, self.max_rank
+        device = next(iter(self.modules.values())).lora_a.device
+        self.index = torch.zeros(rows, self.max_per_row, dtype=torch.long, device=device)
+        self.scale = torch.zeros(rows, self.max_per_row * self.max_rank, device=device)
+
     def add(self, adapter: LoraAdapter) -> None:
-        """Load the adapter: the Linears it targets are wrapped now (once each; the rest stay plain)."""
+        """Load the adapter into a free slot (growing the slots when none is free); the Linears it targets are
+        wrapped now if they are not yet."""
         if adapter.rank > self.max_rank:
             raise LoraError(f"{adapter.name}: rank {adapter.rank}, over max_lora_rank {self.max_rank}")
         if self.transformer is not None:
             wrap_targets(self.transformer, adapter)
-        self.adapters[adapter.name] = adapter
-        self._stacked.clear()
+        if adapter.name in self.slot_of:
+            self.remove(adapter.name)
+        free = sorted(set(range(1, self.slots + 1)) - set(self.slot_of.values()))
+        if not free:
+            self._grow(self.slots * 2)
+            free = [len(self.slot_of) + 1]
+        slot = free[0]
+        for name, module in self.modules.items():
+            module.load_slot(slot, adapter.pairs.get(name))
+        self.adapters[adapter.name], self.slot_of[adapter.name] = adapter, slot
+        self.rows = ()  # the next select() rebuilds its indices
 
     def remove(self, name: str) -> None:
+        """Free the adapter's slot (its values stay until another adapter takes it; no row points there)."""
         self.adapters.pop(name, None)
-        self._stacked.clear()
+        self.slot_of.pop(name, None)
+        self.rows = ()
+
+    def _grow(self, slots: int) -> None:
+        for module in self.modules.values():
+            module.grow(slots)
+        self.slots = slots
+
+    def register(self, module: LoraLinear) -> None:
+        """A newly wrapped Linear: its slots, filled from the resident adapters that target it."""
+        self.modules[module.module_name] = module
+        for name, slot in self.slot_of.items():
+            module.load_slot(slot, self.adapters[name].pairs.get(module.module_name))
 
     def select(self, rows: Sequence[Sequence[LoraChoice]]) -> None:
         """The adapters of each row of the next call (in the order of its batch)."""
@@ -213,44 +281,40 @@ class LoraBank:
             for choice in choices:
                 if choice.name not in self.adapters:
                     raise LoraError(f"LoRA {choice.name!r} is not loaded")
-        if rows != self.rows:
-            self.rows = rows
-            self._stacked.clear()
-
-    @property
-    def active(self) -> bool:
-        return any(self.rows)
-
-    def stacked(self, module: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(A (rows, K, in), B (rows, out, K)) of this module for the current rows; None when no row's
-        adapters touch it."""
-        if module in self._stacked:
-            return self._stacked[module]
-        if not any(c.name in self.adapters and module in self.adapters[c.name].pairs for r in self.rows for c in r):
-            self._stacked[module] = None
-            return None
-        rows = len(self.rows)
-        a = torch.zeros(rows, self.width, linear.in_features)
-        b = torch.zeros(rows, linear.out_features, self.width)
-        for i, choices in enumerate(self.rows):
-            for slot, choice in enumerate(choices):
-                pair = self.adapters[choice.name].pairs.get(module)
-                if pair is None or choice.scale == 0:
-                    continue
-                lo = slot * self.max_rank
-                a[i, lo : lo + pair[0].shape[0]] = pair[0]
-                b[i, :, lo : lo + pair[1].shape[1]] = pair[1] * choice.scale
-        device, dtype = linear.weight.device, linear.weight.dtype
-        self._stacked[module] = (a.to(device, dtype), b.to(device, dtype))
-        return self._stacked[module]
+        if rows == self.rows and self.index is not None and self.index.shape[0] == len(rows):
+            return
+        self.rows = rows
+        self.active = any(choice.scale != 0 for choices in rows for choice in choices)
+        if not self.active:
+            return
+        if self.fixed_shapes:
+            positions, self.rank = self.max_per_row, self.max_rank
+        else:
+            positions = max(len(choices) for choices in rows)
+            self.rank = max(self.adapters[c.name].rank for choices in rows for c in choices)
+        index = torch.zeros(len(rows), positions, dtype=torch.long)
+        scale = torch.zeros(len(rows), positions)
+        for i, choices in enumerate(rows):
+            for j, choice in enumerate(choices):
+                index[i, j], scale[i, j] = self.slot_of[choice.name], choice.scale
+        device = next(iter(self.modules.values())).lora_a.device
+        self.index = index.to(device)
+        self.scale = scale.repeat_interleave(self.rank, dim=1).to(device)
 
 
 class LoraLinear(nn.Module):
-    """A Linear plus the current rows' low-rank deltas (LoraBank); the base weights are untouched."""
+    """A Linear plus the current rows' low-rank deltas (see LoraBank); the base weights are untouched."""
 
     def __init__(self, base: nn.Linear, module: str, bank: LoraBank):
         super().__init__()
         self.base, self.module_name, self.bank = base, module, bank
+        weight = base.weight
+        self.lora_a = torch.zeros(
+            bank.slots + 1, bank.max_rank, base.in_features, device=weight.device, dtype=weight.dtype
+        )
+        self.lora_b = torch.zeros(
+            bank.slots + 1, base.out_features, bank.max_rank, device=weight.device, dtype=weight.dtype
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -268,30 +332,70 @@ class LoraLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def load_slot(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if pair is not None:
+            a, b = pair
+            self.lora_a[slot, : a.shape[0]] = a.to(self.lora_a.dtype)
+            self.lora_b[slot, :, : b.shape[1]] = b.to(self.lora_b.dtype)
+
+    def grow(self, slots: int) -> None:
+        a = self.lora_a.new_zeros(slots + 1, *self.lora_a.shape[1:])
+        b = self.lora_b.new_zeros(slots + 1, *self.lora_b.shape[1:])
+        a[: self.lora_a.shape[0]], b[: self.lora_b.shape[0]] = self.lora_a, self.lora_b
+        self.lora_a, self.lora_b = a, b
+
+    def _apply(self, fn, recurse=True):  # .to(device/dtype) moves the slots with the weights
+        super()._apply(fn, recurse)
+        self.lora_a, self.lora_b = fn(self.lora_a), fn(self.lora_b)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if not self.bank.active:
+        bank = self.bank
+        if not bank.active:
             return out
-        stacked = self.bank.stacked(self.module_name, self.base)
-        if stacked is None:
-            return out
-        a, b = stacked
-        if x.shape[0] != a.shape[0]:
-            raise RuntimeError(f"{x.shape[0]} rows in the call, {a.shape[0]} in LoraBank.select")
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        rows, positions = bank.index.shape
+        rank = bank.rank
+        a = self.lora_a[bank.index][:, :, :rank].reshape(rows, positions * rank, self.base.in_features)
+        b = self.lora_b[bank.index][..., :rank].permute(0, 2, 1, 3).reshape(rows, self.base.out_features, -1)
+        flat = x.reshape(rows, -1, x.shape[-1])
+        low = torch.bmm(flat, a.transpose(1, 2)) * bank.scale.to(flat.dtype)[:, None, :]
+        delta = torch.bmm(low, b.transpose(1, 2))
         return out + delta.reshape(out.shape)
 
 
-def attach_loras(transformer: nn.Module, max_per_row: int = MAX_LORAS_PER_ROW, max_rank: int = MAX_RANK) -> LoraBank:
-    """The transformer's bank (made once). No Linear is wrapped until an adapter that targets it is added
-    (`wrap_targets`), so a transformer whose requests use no LoRA runs exactly as before."""
+def attach_loras(
+    transformer: nn.Module,
+    max_per_row: int = MAX_LORAS_PER_ROW,
+    max_rank: int = MAX_RANK,
+    slots: int = 8,
+    wrap_all: bool = False,
+) -> LoraBank:
+    """The transformer's bank (made once) with `slots` adapters resident at most before it grows. Without
+    `wrap_all`, no Linear is wrapped until an adapter that targets it is added (`wrap_targets`), so a
+    transformer whose requests use no LoRA runs exactly as before; with it (for torch.compile, before
+    compiling) every Linear of the transformer's blocks is wrapped now and calls use fixed shapes, so no later
+    adapter or mix changes the module tree or a shape."""
     existing = getattr(transformer, "fluxray_loras", None)
     if existing is not None:
         return existing
-    bank = LoraBank(max_per_row, max_rank, transformer=transformer)
+    bank = LoraBank(max_per_row, max_rank, slots, transformer=transformer, fixed_shapes=wrap_all)
     transformer.fluxray_loras = bank
+    if wrap_all:
+        for name, module in list(transformer.named_modules()):
+            if isinstance(module, nn.Linear) and name.startswith(BLOCK_PREFIXES):
+                _wrap(transformer, name, module, bank)
     return bank
+
+
+def _wrap(transformer: nn.Module, path: str, target: nn.Linear, bank: LoraBank) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = transformer.get_submodule(parent_path) if parent_path else transformer
+    wrapped = LoraLinear(target, path, bank)
+    setattr(parent, child, wrapped)
+    bank.register(wrapped)
 
 
 def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
@@ -300,11 +404,8 @@ def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
     modules = dict(transformer.named_modules())
     for path in adapter.pairs:
         target = modules[path]
-        if isinstance(target, LoraLinear):
-            continue
-        parent_path, _, child = path.rpartition(".")
-        parent = modules[parent_path] if parent_path else transformer
-        setattr(parent, child, LoraLinear(target, path, bank))
+        if not isinstance(target, LoraLinear):
+            _wrap(transformer, path, target, bank)
 
 
 class LoraRegistry:

@@ -14,6 +14,7 @@ from PIL import Image
 from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.editing import EditError, EditParams, edit_method, edit_task, prepare_edit
 from fluxray.images import encode_image, image_metadata, image_sha256
+from fluxray.lora import LoraSlots
 from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import denoise, denoise_task, group_by_size
@@ -57,8 +58,10 @@ class Pipeline:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         speed: SpeedOptions | None = None,
+        loras: LoraSlots | None = None,
     ):
-        """All three stages on one device, with the speed switches applied (fluxray.acceleration)."""
+        """All three stages on one device, with the speed switches applied (fluxray.acceleration) and, with
+        `loras`, the transformer's LoRA bank attached (fluxray.lora: load adapters with its `add`)."""
         source = resolve_model(model)
         dev = pick_device(device)
         dtype = dtype or default_dtype(dev)
@@ -66,7 +69,7 @@ class Pipeline:
         return cls(
             source,
             TextEncoder.load(source, dev, dtype, speed),
-            load_transformer(source, dev, dtype, speed),
+            load_transformer(source, dev, dtype, speed, loras),
             VAEDecoder.load(source, dev, dtype, speed),
         )
 

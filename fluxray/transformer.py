@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fluxray.acceleration import ResolvedSpeed, SpeedOptions, accelerate_transformer, resolve
+from fluxray.lora import LoraSlots
 from fluxray.sources import ModelSource, load_transformer_module
 
 
@@ -13,15 +14,17 @@ def load_transformer(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     speed: SpeedOptions | None = None,
+    loras: LoraSlots | None = None,
 ):
-    """The FluxTransformer2DModel with the speed switches applied (fluxray.acceleration).
+    """The FluxTransformer2DModel with the speed switches applied (fluxray.acceleration), and with `loras`
+    a LoRA bank attached (fluxray.lora; under torch.compile before compiling, so adapters never recompile).
 
     A switch that cannot work on this device fails (SpeedOptionError) before any weight loads.
     """
     device = torch.device(device)
     resolved = resolve(speed, device, "transformer")
     model = load_transformer_module(source, staging_device(source, resolved, device), dtype)
-    return accelerate_transformer(model, resolved, source.spec.max_sequence_length, device)
+    return accelerate_transformer(model, resolved, source.spec.max_sequence_length, device, loras)
 
 
 def staging_device(source: ModelSource, speed: ResolvedSpeed, device: torch.device) -> torch.device:

@@ -19,6 +19,7 @@ from fluxray.acceleration import (
     resolve,
     speed_options_from_args,
 )
+from fluxray.lora import MAX_RANK
 from fluxray.params import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE
 from fluxray.usage import ArgumentParser, UsageError
 
@@ -85,6 +86,11 @@ class JobConfig(BaseModel):
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per stage actor.")
     progress_interval_s: float = Field(default=10.0, gt=0, description="Seconds between progress lines.")
+    lora_root: str | None = Field(
+        default=None, description="Directory of *.safetensors LoRAs that rows' `loras` name by stem (on every node)."
+    )
+    max_lora_rank: int = Field(default=64, ge=1, le=MAX_RANK, description="Highest LoRA rank a row may use.")
+    max_resident_loras: int = Field(default=8, ge=1, le=64, description="LoRAs a denoise actor keeps loaded.")
     speed: SpeedOptions = Field(default_factory=SpeedOptions, description="Engine speed switches.")
     # Defaults fit a 2-core laptop: the denoiser gets a whole CPU, the rest share what is left.
     encode: StageResources = _stage(32, 0.25)

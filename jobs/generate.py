@@ -27,6 +27,7 @@ import ray
 import ray.data
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fluxray.lora import LoraError, LoraRegistry
 from fluxray.sources import ModelSource, ModelSourceError, resolve_model
 from jobs.config import STAGES, JobConfig, UsageError, load_config
 from jobs.layout import model_identity
@@ -121,9 +122,14 @@ def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults,
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         inputs = {**speed, "input_root": input_root, "endpoint_url": endpoint}  # where edit rows' images are
         ds = ds.map_batches(EncodeStage, fn_constructor_args=model_args, fn_constructor_kwargs=inputs, **pool("encode"))
-        for stage, cls in (("denoise", DenoiseStage), ("decode", DecodeStage)):
+        loras = {
+            "lora_root": config.lora_root,
+            "max_lora_rank": config.max_lora_rank,
+            "max_resident_loras": config.max_resident_loras,
+        }
+        for stage, cls, kwargs in (("denoise", DenoiseStage, {**speed, **loras}), ("decode", DecodeStage, speed)):
             ds = ds.map_batches(
-                cls, fn_constructor_args=(*model_args, config.format), fn_constructor_kwargs=speed, **pool(stage)
+                cls, fn_constructor_args=(*model_args, config.format), fn_constructor_kwargs=kwargs, **pool(stage)
             )
         write_args = (config.output, endpoint, source.name, defaults.model_identity, config.format)
         return ds.map_batches(WriteStage, fn_constructor_args=write_args, **pool("write"))
@@ -176,6 +182,16 @@ def _fail_lost(plans, defaults, input_root: str, manifest, progress, reason: str
                 plan.codes[row] = SETTLED
 
 
+def lora_names(lora_root: str | None) -> frozenset[str] | None:
+    """The LoRAs rows may name (None without --lora-root); UsageError for a root that is not a directory."""
+    if lora_root is None:
+        return None
+    try:
+        return frozenset(LoraRegistry(lora_root).names())
+    except LoraError as error:
+        raise UsageError(f"--lora-root: {error}") from None
+
+
 def run(config: JobConfig) -> int:
     source = resolve_model(config.model)
     size = source.spec.default_size
@@ -189,6 +205,7 @@ def run(config: JobConfig) -> int:
         seed_base=config.seed_base,
         output_format=config.format,
         model_identity=model_identity(source, config.speed.quantize),
+        lora_names=lora_names(config.lora_root),
     )
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
     input_storage, keys = split_input_uri(config.input, endpoint)

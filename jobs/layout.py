@@ -38,6 +38,8 @@ IMAGE_FIELDS = (
 # An edit's inputs (fluxray.editing): part of the fingerprint only for rows that have an image, so the
 # fingerprints of text-to-image rows stay what earlier runs wrote.
 EDIT_FIELDS = ("input_image", "input_mask", "strength")
+# A row's LoRAs (names and scales, as JSON text): part of the fingerprint only for rows that have any.
+LORA_FIELDS = ("loras",)
 
 
 def image_key(row_id: str, output_format: str) -> str:
@@ -71,4 +73,6 @@ def fingerprint(record: dict, identity: str, output_format: str) -> str:
     made_of = {"model": identity, "format": output_format, **{k: record[k] for k in IMAGE_FIELDS}}
     if record.get("input_image") is not None:
         made_of.update({k: record[k] for k in EDIT_FIELDS})
+    if record.get("loras"):
+        made_of.update({k: record[k] for k in LORA_FIELDS})
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:FINGERPRINT_DIGITS]

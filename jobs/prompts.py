@@ -9,6 +9,10 @@ reason; a file that cannot be parsed fails with its name and line.
 
 A row with an `image` (a key relative to the input's folder, or an s3:// URI), optionally a `mask` and a
 `strength`, is an edit: the job's model picks the method as the HTTP route does (fluxray.editing).
+
+A row's `loras` names LoRAs in the job's --lora-root with their scales: a list of {"name", "scale"} (JSONL,
+Parquet), {name: scale}, or text ("ink=0.8;cat", or that JSON, in CSV and text cells). The record keeps
+them as canonical JSON text; a name not under --lora-root makes the row invalid.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pydantic import ValidationError
 from fluxray.editing import EditError, EditParams, edit_method
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error
 from fluxray.specs import ModelSpec
-from jobs.layout import EDIT_FIELDS, IMAGE_FIELDS, fingerprint
+from jobs.layout import EDIT_FIELDS, IMAGE_FIELDS, LORA_FIELDS, fingerprint
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -43,12 +47,19 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 COLUMN_OF_FIELD = {"num_inference_steps": "steps", "guidance_scale": "guidance"}
 OPTIONAL_TEXT = ("prompt_2", "negative_prompt")
 EDIT_COLUMNS = {"image": "input_image", "mask": "input_mask"}  # input column -> record field
-RECORD_FIELDS = ("id", "source", *IMAGE_FIELDS, *EDIT_FIELDS, "fingerprint", "status", "reason")
+RECORD_FIELDS = ("id", "source", *IMAGE_FIELDS, *EDIT_FIELDS, *LORA_FIELDS, "fingerprint", "status", "reason")
 MAX_FILE_ID = 100  # leaves room for '-' and the row number within an id's 128 characters
 
 
 class InputError(Exception):
     """An input file that cannot be read or parsed; the message names the file (and line)."""
+
+
+class ColumnError(ValueError):
+    """A cell that cannot be used; the row is invalid with this reason ('column: why')."""
+
+    def __init__(self, column: str, message: str):
+        super().__init__(f"{column}: {message}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class JobDefaults:
     seed_base: int = 0
     output_format: str = "png"
     model_identity: str = ""  # jobs.layout.model_identity: part of each record's fingerprint
+    lora_names: frozenset[str] | None = None  # the LoRAs under --lora-root (None: the job has no --lora-root)
 
 
 def input_format(key: str) -> str:
@@ -148,6 +160,33 @@ def _parquet_rows(storage, key: str) -> Iterator[tuple[int, dict]]:
                 yield number, row
 
 
+def lora_cell(value: Any) -> list:
+    """A `loras` cell as GenerationParams takes it (a list of {"name", "scale"}); ColumnError when its shape
+    is wrong (the names and scales are checked by GenerationParams)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ColumnError("loras", f"not valid JSON ({error.msg})") from None
+        else:
+            value = [part for part in re.split(r"[;,]", text) if part.strip()]
+    if isinstance(value, dict):
+        value = [{"name": name, "scale": scale} for name, scale in value.items()]
+    if not isinstance(value, list):
+        raise ColumnError("loras", f"expected a list of {{name, scale}}, got {type(value).__name__}")
+    choices = []
+    for item in value:
+        if isinstance(item, str):
+            name, sep, scale = item.partition("=")
+            item = {"name": name.strip(), "scale": scale.strip() if sep else 1.0}
+        choices.append(item)
+    return choices
+
+
 def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict:
     """A record with every parameter resolved; status 'pending', or 'invalid' with the reason."""
     raw = {k: (None if _blank(v) else v) for k, v in raw.items()}
@@ -159,6 +198,7 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
         **{name: raw.get(name) for name in OPTIONAL_TEXT},
         **{field: None if raw.get(column) is None else str(raw[column]) for column, field in EDIT_COLUMNS.items()},
         "strength": raw.get("strength"),
+        "loras": None,
         "status": "pending",
         "reason": "",
     }
@@ -186,7 +226,9 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
             "reason": "id: may only hold letters, digits, '.', '_' and '-' (at most 128), starting alnum",
         }
     try:
+        fields["loras"] = lora_cell(raw.get("loras"))
         params = _params(record, fields, defaults)
+        _check_lora_names(params, defaults)
     except ValidationError as error:
         return {
             **record,
@@ -194,7 +236,7 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
             "status": "invalid",
             "reason": describe_validation_error(error, COLUMN_OF_FIELD),
         }
-    except EditError as error:
+    except (EditError, ColumnError) as error:
         return {**record, **_unresolved(fields), "strength": None, "status": "invalid", "reason": str(error)}
     resolved = {
         **record,
@@ -206,6 +248,7 @@ def make_record(raw: dict, key: str, number: int, defaults: JobDefaults) -> dict
         "guidance": params.guidance_scale,
         "true_cfg_scale": params.true_cfg_scale,
         "strength": getattr(params, "strength", None),
+        "loras": json.dumps([lora.model_dump() for lora in params.loras]) if params.loras else None,
     }
     resolved["fingerprint"] = fingerprint(resolved, defaults.model_identity, defaults.output_format)
     return resolved
@@ -224,6 +267,16 @@ def _params(record: dict, fields: dict, defaults: JobDefaults) -> GenerationPara
         return GenerationParams(**fields).resolve(defaults.spec)
     edit_method(defaults.spec, record["input_mask"] is not None, record["strength"])
     return EditParams(**fields, strength=record["strength"]).resolve(defaults.spec)
+
+
+def _check_lora_names(params: GenerationParams, defaults: JobDefaults) -> None:
+    if not params.loras:
+        return
+    if defaults.lora_names is None:
+        raise ColumnError("loras", "the job has no --lora-root to find LoRAs in")
+    unknown = [lora.name for lora in params.loras if lora.name not in defaults.lora_names]
+    if unknown:
+        raise ColumnError("loras", f"unknown LoRA {unknown[0][:200]!r} (not in --lora-root)")
 
 
 def _unresolved(fields: dict) -> dict:
@@ -261,6 +314,7 @@ def params_of(record: dict, output_format: str) -> GenerationParams:
         true_cfg_scale=float(record["true_cfg_scale"]),
         seed=int(record["seed"]),
         output_format=output_format,
+        loras=json.loads(record["loras"]) if record.get("loras") else (),
     )
 
 

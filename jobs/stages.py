@@ -45,6 +45,8 @@ from fluxray.images import (
     image_sha256,
     read_input_image,
 )
+from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
+from fluxray.lora_cache import HostCache, LoraResidency
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.text_encoding import TextEncoder
@@ -79,6 +81,7 @@ RECORD = [
     ("input_image", pa.string()),  # an edit's input: a key under the input's folder, or an s3:// URI
     ("input_mask", pa.string()),
     ("strength", pa.float64()),
+    ("loras", pa.string()),  # JSON text of the row's [{name, scale}] (jobs.prompts), or null
     ("image_sha256", pa.string()),  # of the input's pixels (fluxray.images.image_sha256), once read
     ("mask_sha256", pa.string()),
     ("fingerprint", pa.string()),
@@ -95,6 +98,8 @@ DENOISED_SCHEMA = pa.schema([*RECORD, ("latents", pa.binary())])
 EDIT_RECORD = ("input_image", "input_mask", "strength", "image_sha256", "mask_sha256")
 
 
+# Host memory per denoise actor for LoRAs evicted from the device (fluxray.lora_cache.HostCache).
+LORA_HOST_CACHE_BYTES = 2 << 30
 # An input image (or mask) larger than this many pixels fails its row (as the HTTP route's max_input_pixels).
 MAX_INPUT_PIXELS = 4096 * 4096
 DECODED_SCHEMA = pa.schema([*RECORD, ("image_bytes", pa.binary()), ("sha256", pa.string())])
@@ -282,10 +287,34 @@ class DenoiseStage:
         threads: int | None,
         output_format: str,
         speed: SpeedOptions | None = None,
+        lora_root: str | None = None,
+        max_lora_rank: int = 64,
+        max_resident_loras: int = 8,
     ):
         self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
-        self.transformer = load_transformer(self.source, self.device, self.dtype, speed)
+        self.lora_registry = LoraRegistry(lora_root) if lora_root else None
+        slots = LoraSlots(MAX_LORAS_PER_ROW, max_lora_rank, max_resident_loras) if lora_root else None
+        self.transformer = load_transformer(self.source, self.device, self.dtype, speed, slots)
         self.output_format = output_format
+        self.max_lora_rank, self.lora_residency = max_lora_rank, LoraResidency(max_resident_loras)
+        self.lora_host = HostCache(LORA_HOST_CACHE_BYTES)
+
+    def _load_loras(self, rows: list[dict]) -> None:
+        """The adapters these rows name, loaded (least recently used ones evicted, never one of these rows');
+        a file that cannot be used raises LoraError, which fails the rows that name it."""
+        names = {lora["name"] for row in rows for lora in json.loads(row["loras"] or "[]")}
+        if not names:
+            return
+        bank = self.transformer.fluxray_loras
+        self.lora_residency.touch(names, time.monotonic())
+        for name in sorted(names - set(bank.adapters)):
+            adapter = self.lora_host.take(name) or read_lora(
+                self.lora_registry.path(name), self.transformer, name, self.max_lora_rank
+            )
+            for evicted in self.lora_residency.to_evict(bank.adapters, held=names):
+                self.lora_host.put(bank.adapters[evicted])
+                bank.remove(evicted)
+            bank.add(adapter)
 
     def _task(self, row: dict):
         tensors = load_tensors(row["embeds"])
@@ -300,6 +329,7 @@ class DenoiseStage:
         return denoise_task(params, embeds, negative, self.source.spec, self.device, self.dtype)
 
     def _denoise(self, rows: list[dict]) -> None:
+        self._load_loras(rows)
         for (height, width), group in _by_size(rows):
             tasks = [self._task(row) for row in group]
             # Kontext's reference tokens join every row: one transformer call per reference size.
@@ -386,6 +416,7 @@ class WriteStage:
                 "format": self.output_format,
                 "truncated": row["truncated"].split(",") if row["truncated"] else [],
                 **{k: row[k] for k in EDIT_RECORD if row["input_image"] is not None},
+                **({"loras": json.loads(row["loras"])} if row["loras"] else {}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             self.storage.put(meta, json.dumps(record, sort_keys=True).encode(), "application/json")

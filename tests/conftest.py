@@ -23,6 +23,20 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory):
+    """The tiny model's LoRAs in every layout the tests use (scripts/make_tiny_loras.py --formats)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_tiny_loras import make_tiny_loras
+
+    folder = tmp_path_factory.mktemp("loras")
+    make_tiny_loras(folder, formats=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline() -> Pipeline:
     return Pipeline.load("tiny", device="cpu")
 

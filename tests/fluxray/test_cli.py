@@ -11,6 +11,7 @@ from PIL import Image
 
 from fluxray.cli import main
 from fluxray.images import read_metadata
+from fluxray.params import GenerationParams
 from fluxray.sources import TINY_MODEL_DIR
 
 
@@ -210,4 +211,53 @@ def test_edit_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, ex
     assert main([*args, "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fluxray: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_with_loras_by_path_and_by_name(tmp_path, tiny_loras):
+    from image_checks import max_pixel_diff
+
+    from fluxray.lora import attach_loras, read_lora
+    from fluxray.pipeline import Pipeline
+
+    out = tmp_path / "lora.png"
+    common = ["generate", "--prompt", "a red circle", "--seed", "6", "--steps", "3", "--width", "64", "--height", "64"]
+    args = [*common, "--no-progress", "--device", "cpu", "--output", str(out)]
+    by_path = str(tiny_loras / "subject.safetensors")
+    assert main([*args, "--lora-root", str(tiny_loras), "--lora", "style=0.8", "--lora", f"{by_path}=1.2"]) == 0
+    loras = [{"name": "style", "scale": 0.8}, {"name": "subject", "scale": 1.2}]
+    assert read_metadata(out.read_bytes())["loras"] == loras
+    engine = Pipeline.load("tiny", device="cpu")
+    bank = attach_loras(engine.transformer, max_per_row=2, max_rank=8)
+    for name in ("style", "subject"):
+        bank.add(read_lora(tiny_loras / f"{name}.safetensors", engine.transformer))
+    params = GenerationParams(prompt="a red circle", seed=6, num_inference_steps=3, width=64, height=64, loras=loras)
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert max_pixel_diff(got, engine.generate(params)[0].pixels) <= 2
+    assert max_pixel_diff(got, engine.generate(params.model_copy(update={"loras": ()}))[0].pixels) > 4
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--lora", "style"], "--lora: 'style' is not a file path; name LoRAs by stem with --lora-root"),
+        (["--lora", "nope", "--lora-root", "{loras}"], "--lora: unknown LoRA 'nope' in"),
+        (["--lora", "style", "--lora-root", "no/such/dir"], "--lora-root: lora_root no/such/dir: no such directory"),
+        (["--lora", "{loras}/style.safetensors=strong"], "--lora: '{loras}/style.safetensors=strong': the scale"),
+        (["--lora", "{loras}/style.safetensors=9"], "--lora: '{loras}/style.safetensors=9': the scale must be within"),
+        (["--lora", "evil.pt"], "--lora: refusing to load evil.pt: it is a pickle"),
+        (["--lora", "missing.safetensors"], "--lora: missing.safetensors: no such LoRA file"),
+        (["--lora", "{loras}/style.safetensors", "--lora", "{loras}/style.safetensors"], "--lora: 'style' given twice"),
+    ],
+)
+def test_lora_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, tiny_loras, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.pt").write_bytes(b"not even a pickle")
+    extra = [e.replace("{loras}", str(tiny_loras)) for e in extra]
+    args = ["generate", "--prompt", "x", "--output", str(tmp_path / "o.png"), "--steps", "1", "--no-progress"]
+    assert main([*args, "--device", "cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fluxray: error: {message.replace('{loras}', str(tiny_loras))}") and err.count("\n") == 1, (
+        err
+    )
     assert not (tmp_path / "o.png").exists()

@@ -4,6 +4,9 @@ adapters sharing one transformer call give each row its own image."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,55 +16,22 @@ from fluxray.lora import LoraChoice, LoraError, attach_loras, read_lora
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from make_tiny_loras import TARGETS, make_lora  # noqa: E402
+
 PROMPT = "a red circle on the left, blue background"
-TARGETS = (
-    "transformer_blocks.0.attn.to_q",
-    "transformer_blocks.0.attn.to_v",
-    "transformer_blocks.1.ff.net.2",
-    "single_transformer_blocks.0.proj_mlp",
-    "single_transformer_blocks.1.attn.to_k",
-    "proj_out",
-)
-
-
-def make_lora(path, transformer, seed: int, rank: int, alpha: float | None = None, targets=TARGETS) -> None:
-    """A PEFT-layout LoRA for the tiny transformer, saved by diffusers' own save_lora_weights (with its
-    adapter metadata when alpha is given, so the file says lora_alpha / r)."""
-    from diffusers import FluxPipeline
-
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(transformer.named_modules())
-    layers = {}
-    for name in targets:
-        linear = modules[name]
-        linear = getattr(linear, "base", linear)
-        layers[f"{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator) * 0.3
-        layers[f"{name}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.3
-    metadata = None
-    if alpha is not None:
-        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
-    FluxPipeline.save_lora_weights(
-        path.parent,
-        transformer_lora_layers=layers,
-        weight_name=path.name,
-        transformer_lora_adapter_metadata=metadata,
-    )
 
 
 @pytest.fixture(scope="module")
-def loras(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loras")
-    source = Pipeline.load("tiny", device="cpu")
-    make_lora(folder / "style.safetensors", source.transformer, seed=1, rank=4)
-    make_lora(folder / "subject.safetensors", source.transformer, seed=2, rank=8, alpha=4.0, targets=TARGETS[1:])
-    return folder
+def loras(tiny_loras):
+    return tiny_loras
 
 
 @pytest.fixture(scope="module")
 def lora_pipeline(loras):
     pipeline = Pipeline.load("tiny", device="cpu")
     bank = attach_loras(pipeline.transformer, max_per_row=2, max_rank=8)
-    for name in ("style", "subject"):
+    for name in ("style", "subject", "ink-kohya", "ink-xlabs"):
         bank.add(read_lora(loras / f"{name}.safetensors", pipeline.transformer))
     return pipeline
 
@@ -82,7 +52,16 @@ def peer_image(loras, adapters: dict[str, float], seed: int, **kwargs) -> np.nda
 KW = dict(width=64, height=64, num_inference_steps=4)
 
 
-@pytest.mark.parametrize("adapters", [{"style": 1.0}, {"subject": 0.7}, {"style": 0.6, "subject": 1.3}])
+@pytest.mark.parametrize(
+    "adapters",
+    [
+        {"style": 1.0},
+        {"subject": 0.7},
+        {"style": 0.6, "subject": 1.3},
+        {"ink-kohya": 1.0},  # kohya sd-scripts keys, BFL's fused q/k/v, alpha tensors
+        {"ink-xlabs": 0.8, "style": 0.5},  # XLabs keys beside a PEFT one
+    ],
+)
 def test_loras_match_diffusers_set_adapters(loras, lora_pipeline, adapters):
     choices = [{"name": n, "scale": s} for n, s in adapters.items()]
     ours = lora_pipeline.generate(GenerationParams(prompt=PROMPT, seed=5, loras=choices, **KW))[0]
@@ -171,3 +150,37 @@ def test_only_the_targeted_linears_are_wrapped_and_fused_qkv_is_refused(loras):
     fused.transformer.fuse_qkv_projections()
     with pytest.raises(LoraError, match="fuse_qkv off"):
         read_lora(loras / "style.safetensors", fused.transformer)  # it targets to_q and to_v
+
+
+def test_under_compile_new_adapters_and_new_mixes_never_recompile(loras, lora_pipeline):
+    # The bank is attached before compiling: every block Linear wrapped, shapes fixed (max_per_row x max_rank,
+    # all slots), and the warm-up ran both paths. Adapters loaded afterwards and mixes never seen before only
+    # change values, so the stance that fails on any recompilation never fires.
+    from fluxray.acceleration import SpeedOptions
+    from fluxray.lora import LoraLinear, LoraSlots
+
+    speed = SpeedOptions(compile="on", fuse_qkv="off", warmup_sizes=["64x64"])
+    compiled = Pipeline.load("tiny", device="cpu", speed=speed, loras=LoraSlots(max_per_row=2, max_rank=8, resident=4))
+    bank = compiled.transformer.fluxray_loras
+    assert bank.fixed_shapes and not bank.adapters
+    blocks = [*compiled.transformer.transformer_blocks, *compiled.transformer.single_transformer_blocks]
+    plain = [m for b in blocks for m in b.modules() if type(m) is torch.nn.Linear]
+    wrapped = [m for b in blocks for m in b.modules() if isinstance(m, LoraLinear)]
+    assert len(wrapped) == len(plain) > 20  # each block Linear sits inside its wrapper
+
+    def request(seed: int, adapters: dict[str, float], **kw) -> GenerationParams:
+        return GenerationParams(
+            prompt=PROMPT, seed=seed, loras=[{"name": n, "scale": s} for n, s in adapters.items()], **{**KW, **kw}
+        )
+
+    batches = [
+        [request(1, {"style": 1.0}), request(2, {})],
+        [request(3, {"subject": 0.7, "style": 0.6}), request(4, {"ink-kohya": 1.0}), request(5, {})],
+        [request(6, {"ink-xlabs": 0.8}, width=96)],
+    ]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for name in ("style", "subject", "ink-kohya", "ink-xlabs"):
+            bank.add(read_lora(loras / f"{name}.safetensors", compiled.transformer))
+        for batch in batches:
+            for ours, eager in zip(compiled.generate(batch), lora_pipeline.generate(batch)):
+                assert max_pixel_diff(ours.pixels, eager.pixels) <= 2

@@ -319,3 +319,46 @@ def test_edit_rows_read_their_images_from_s3(ray_cluster, tiny_pipeline):
     assert second.returncode == 0, second.stderr[-2000:]
     assert (summary(second.stdout)["written"], summary(second.stdout)["skipped"]) == ("1", "2")
     assert len(keys(s3, bucket, "edits/out/images/")) == 3
+
+
+def test_a_loras_column_applies_each_rows_adapters(ray_cluster, tiny_loras):
+    """A CSV on S3 whose `loras` column names adapters under --lora-root: each row's image equals the engine's
+    with its adapters (rows with different adapters share the denoise batches), an unknown name makes its
+    row invalid, and changing a scale changes what the row is (a re-run reports a conflict, exit 3)."""
+    from fluxray.lora import attach_loras, read_lora
+    from fluxray.pipeline import Pipeline
+
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    prompt = "a red circle on the left, blue background"
+    cells = {"styled": "style=0.8", "both": "subject=1.2;style=0.5", "plain": "", "unknown": "nope"}
+
+    def put(cells: dict) -> None:
+        body = "id,prompt,seed,loras\n" + "".join(f"{k},{prompt},5,{v}\n" for k, v in cells.items())
+        s3.put_object(Bucket=bucket, Key="loras/in/rows.csv", Body=body.encode())
+
+    put(cells)
+    args = ["--input", f"s3://{bucket}/loras/in/rows.csv", "--output", f"s3://{bucket}/loras/out/", *FAST]
+    first = job(ray_cluster, *args, "--lora-root", str(tiny_loras))
+    counts = summary(first.stdout)
+    assert first.returncode == 0 and (counts["written"], counts["invalid"]) == ("3", "1"), first.stderr[-2000:]
+    engine = Pipeline.load("tiny", device="cpu")
+    bank = attach_loras(engine.transformer, max_per_row=2, max_rank=8)
+    for name in ("style", "subject"):
+        bank.add(read_lora(tiny_loras / f"{name}.safetensors", engine.transformer))
+    pictures = {}
+    for row_id, loras in (("styled", [("style", 0.8)]), ("both", [("subject", 1.2), ("style", 0.5)]), ("plain", [])):
+        meta = metadata_of(s3, bucket, "loras/out/", row_id)
+        chosen = [{"name": n, "scale": s} for n, s in loras]
+        assert meta.get("loras", []) == chosen
+        params = GenerationParams(prompt=prompt, width=64, height=64, num_inference_steps=2, seed=5, loras=chosen)
+        data = s3.get_object(Bucket=bucket, Key="loras/out/" + meta["image"])["Body"].read()
+        pictures[row_id] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert max_pixel_diff(pictures[row_id], engine.generate(params)[0].pixels) <= 2
+    assert max_pixel_diff(pictures["styled"], pictures["plain"]) > 4
+    put({**cells, "styled": "style=0.3"})
+    second = job(ray_cluster, *args, "--lora-root", str(tiny_loras))
+    assert second.returncode == 3 and summary(second.stdout)["conflict"] == "1", second.stdout + second.stderr[-2000:]
+    missing = job(ray_cluster, *args, "--lora-root", str(tiny_loras / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        f"jobs.generate: error: --lora-root: lora_root {tiny_loras / 'nowhere'}: no such directory"
+    )

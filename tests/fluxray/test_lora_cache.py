@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.lora_cache import LoraResidency
+from fluxray.lora_cache import LoraResidency
 
 
 def test_room_is_made_least_recently_used_first():
@@ -28,3 +28,23 @@ def test_a_smaller_bound_evicts_down_to_it():
     policy.touch(["x", "y", "z"], 1.0)
     policy.touch(["z"], 2.0)
     assert policy.to_evict(["x", "y", "z"], held=set()) == ["x", "y", "z"]  # the least recent first
+
+
+def test_the_host_cache_keeps_evicted_adapters_within_its_bytes():
+    from dataclasses import dataclass
+
+    from fluxray.lora_cache import HostCache
+
+    @dataclass
+    class Adapter:
+        name: str
+        nbytes: int
+
+    cache = HostCache(max_bytes=100)
+    for name, size in (("a", 40), ("b", 40), ("c", 40)):
+        cache.put(Adapter(name, size))
+    assert list(cache.items) == ["b", "c"] and cache.nbytes == 80  # "a" left to make room
+    cache.put(Adapter("huge", 101))
+    assert "huge" not in cache.items  # over the whole budget: not kept
+    assert cache.take("b").name == "b" and cache.take("b") is None  # taken back to the device
+    assert cache.take("a") is None
