@@ -333,7 +333,7 @@ def test_a_loras_column_applies_each_rows_adapters(ray_cluster, tiny_loras):
     cells = {"styled": "style=0.8", "both": "subject=1.2;style=0.5", "plain": "", "unknown": "nope"}
 
     def put(cells: dict) -> None:
-        body = "id,prompt,seed,loras\n" + "".join(f"{k},{prompt},5,{v}\n" for k, v in cells.items())
+        body = "id,prompt,seed,loras\n" + "".join(f'{k},"{prompt}",5,{v}\n' for k, v in cells.items())
         s3.put_object(Bucket=bucket, Key="loras/in/rows.csv", Body=body.encode())
 
     put(cells)
