@@ -45,10 +45,10 @@ class AppConfig(BaseModel):
     )
     lora_root: str | None = Field(
         default=None,
-        description="Directory of LoRA files (*.safetensors, each named by its stem) that requests may name; "
-        "requests never give paths or URLs.",
+        description="Directory or s3:// prefix of LoRA files (*.safetensors, each named by its stem) that "
+        "requests may name; requests never give paths or URLs. Files on S3 are fetched when first used.",
     )
-    loras: dict[str, str] = Field(default_factory=dict, description="More LoRAs by name: {name: path}.")
+    loras: dict[str, str] = Field(default_factory=dict, description="More LoRAs by name: {name: path or s3:// URI}.")
     max_loras_per_request: int = Field(
         default=MAX_LORAS, ge=1, le=MAX_LORAS, description="Adapters one request may combine."
     )

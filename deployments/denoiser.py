@@ -236,16 +236,17 @@ class DenoiserDeployment:
                 loading = asyncio.get_running_loop().create_future()
                 loading.set_result(cached)
             elif loading is None:  # one load per adapter however many requests wait for it
-                path, rank = self.lora_registry.path(lora.name), self.config.max_lora_rank
-                loading = asyncio.ensure_future(
-                    loop.run_in_executor(self.lora_loader, read_lora, path, self.transformer, lora.name, rank)
-                )
+                loading = asyncio.ensure_future(loop.run_in_executor(self.lora_loader, self._read_lora, lora.name))
                 loading.add_done_callback(lambda _, name=lora.name: self.lora_loading.pop(name, None))
                 self.lora_loading[lora.name] = loading
             adapter = await asyncio.shield(loading)
             if lora.name not in self.lora_bank.adapters:
                 self._evict_loras(keep={x.name for x in params.loras})
                 self.lora_bank.add(adapter)
+
+    def _read_lora(self, name: str):
+        """In the loader thread: the adapter's file (fetched first when it is on S3), read against the model."""
+        return read_lora(self.lora_registry.path(name), self.transformer, name, self.config.max_lora_rank)
 
     def _evict_loras(self, keep: set[str]) -> None:
         """Make room for one more adapter (fluxray.lora_cache decides which go)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fluxray.s3_files import S3FileError, S3Folder
 from fluxray.sources import PICKLE_SUFFIXES, refuse_pickle
 
 MAX_LORAS_PER_ROW = 4
@@ -409,20 +410,25 @@ def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
 
 
 class LoraRegistry:
-    """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem)
-    and the `files` given by name. Requests name adapters; they never point at files or URLs."""
+    """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem; a
+    directory or an s3:// prefix) and the `files` given by name (paths or s3:// URIs). Requests name adapters;
+    they never point at files or URLs. A file on S3 is fetched into a local cache when first needed (`path`)."""
 
     def __init__(self, root: str | Path | None = None, files: dict[str, str] | None = None):
-        self.files: dict[str, Path] = {}
-        if root:
-            if str(root).startswith("s3://"):
-                raise LoraError(f"lora_root {root}: s3:// LoRA roots are not supported yet; sync them to a directory")
+        self.files: dict[str, str] = {}
+        if root and str(root).startswith("s3://"):
+            try:
+                folder = S3Folder(str(root))
+                self.files.update({Path(n).stem: folder.uri + n for n in folder.names(".safetensors")})
+            except S3FileError as error:
+                raise LoraError(f"lora_root {error}") from None
+        elif root:
             folder = Path(root)
             if not folder.is_dir():
                 raise LoraError(f"lora_root {root}: no such directory")
-            self.files.update({p.stem: p for p in sorted(folder.glob("*.safetensors"))})
+            self.files.update({p.stem: str(p) for p in sorted(folder.glob("*.safetensors"))})
         for name, path in (files or {}).items():
-            self.files[name] = Path(path)
+            self.files[name] = str(path)
 
     def names(self) -> list[str]:
         return sorted(self.files)
@@ -431,7 +437,15 @@ class LoraRegistry:
         return bool(self.files)
 
     def path(self, name: str) -> Path:
+        """The adapter's local file (fetched from S3 first if it lives there: call it off the event loop)."""
         try:
-            return self.files[name]
+            where = self.files[name]
         except KeyError:
             raise LoraError(f"unknown LoRA {name!r}") from None
+        if not where.startswith("s3://"):
+            return Path(where)
+        folder, _, file = where.rpartition("/")
+        try:
+            return S3Folder(folder).fetch(file, MAX_FILE_BYTES)
+        except S3FileError as error:
+            raise LoraError(str(error)) from None

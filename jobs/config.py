@@ -87,7 +87,8 @@ class JobConfig(BaseModel):
     torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per stage actor.")
     progress_interval_s: float = Field(default=10.0, gt=0, description="Seconds between progress lines.")
     lora_root: str | None = Field(
-        default=None, description="Directory of *.safetensors LoRAs that rows' `loras` name by stem (on every node)."
+        default=None,
+        description="Directory (on every node) or s3:// prefix of *.safetensors LoRAs that rows' `loras` name by stem.",
     )
     max_lora_rank: int = Field(default=64, ge=1, le=MAX_RANK, description="Highest LoRA rank a row may use.")
     max_resident_loras: int = Field(default=8, ge=1, le=64, description="LoRAs a denoise actor keeps loaded.")

@@ -322,7 +322,8 @@ def test_edit_rows_read_their_images_from_s3(ray_cluster, tiny_pipeline):
 
 
 def test_a_loras_column_applies_each_rows_adapters(ray_cluster, tiny_loras):
-    """A CSV on S3 whose `loras` column names adapters under --lora-root: each row's image equals the engine's
+    """A CSV on S3 whose `loras` column names adapters under --lora-root (an s3:// prefix, then a directory):
+    each row's image equals the engine's
     with its adapters (rows with different adapters share the denoise batches), an unknown name makes its
     row invalid, and changing a scale changes what the row is (a re-run reports a conflict, exit 3)."""
     from fluxray.lora import attach_loras, read_lora
@@ -337,8 +338,10 @@ def test_a_loras_column_applies_each_rows_adapters(ray_cluster, tiny_loras):
         s3.put_object(Bucket=bucket, Key="loras/in/rows.csv", Body=body.encode())
 
     put(cells)
+    for name in ("style", "subject"):  # the LoRAs on S3 too: each actor fetches what its rows name
+        s3.upload_file(str(tiny_loras / f"{name}.safetensors"), bucket, f"loras/root/{name}.safetensors")
     args = ["--input", f"s3://{bucket}/loras/in/rows.csv", "--output", f"s3://{bucket}/loras/out/", *FAST]
-    first = job(ray_cluster, *args, "--lora-root", str(tiny_loras))
+    first = job(ray_cluster, *args, "--lora-root", f"s3://{bucket}/loras/root/")
     counts = summary(first.stdout)
     assert first.returncode == 0 and (counts["written"], counts["invalid"]) == ("3", "1"), first.stderr[-2000:]
     engine = Pipeline.load("tiny", device="cpu")

@@ -126,3 +126,33 @@ def test_rows_with_different_loras_in_one_batch_make_the_engines_images(lora_roo
     assert "subject" in stage.transformer.fluxray_loras.adapters and "subject" not in stage.lora_host.items
     got = np.asarray(Image.open(tmp_path / "back" / back["image"]).convert("RGB"))
     assert max_pixel_diff(got, np.asarray(Image.open(tmp_path / out[1]["image"]).convert("RGB"))) == 0
+
+
+def test_an_s3_lora_root_lists_by_stem_and_fetches_once(ray_cluster, tiny_loras, monkeypatch, tmp_path):
+    from fluxray.lora import LoraError
+    from fluxray.s3_files import S3Folder
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, ray_cluster.env[name])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ray_cluster.s3_endpoint)
+    s3, bucket = ray_cluster.s3(), ray_cluster.bucket
+    for name in ("style", "subject"):
+        s3.upload_file(str(tiny_loras / f"{name}.safetensors"), bucket, f"registry/{name}.safetensors")
+    s3.put_object(Bucket=bucket, Key="registry/notes.txt", Body=b"not a LoRA")
+    s3.put_object(Bucket=bucket, Key="registry/deeper/other.safetensors", Body=b"not directly under the root")
+    registry = LoraRegistry(f"s3://{bucket}/registry")
+    assert registry.names() == ["style", "subject"]
+    fetched = registry.path("style")
+    assert fetched.read_bytes() == (tiny_loras / "style.safetensors").read_bytes()
+    stamp = fetched.stat().st_mtime_ns
+    assert registry.path("style") == fetched and fetched.stat().st_mtime_ns == stamp  # the cached copy
+    s3.upload_file(str(tiny_loras / "subject.safetensors"), bucket, "registry/style.safetensors")
+    assert registry.path("style").read_bytes() == (tiny_loras / "subject.safetensors").read_bytes()  # new version
+    with pytest.raises(LoraError, match="unknown LoRA 'nope'"):
+        registry.path("nope")
+    with pytest.raises(LoraError, match="lora_root s3://no-such-bucket/x/: cannot list"):
+        LoraRegistry("s3://no-such-bucket/x/")
+    s3.delete_object(Bucket=bucket, Key="registry/subject.safetensors")
+    with pytest.raises(LoraError, match=f"s3://{bucket}/registry/subject.safetensors: cannot read"):
+        registry.path("subject")
+    assert S3Folder(f"s3://{bucket}/registry/", tmp_path).fetch("notes.txt").read_bytes() == b"not a LoRA"
