@@ -138,7 +138,7 @@ def s3_client(ray_cluster):
             os.environ[name] = value
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=12),
     batch_sizes=st.lists(st.integers(1, 5), min_size=4, max_size=4),
