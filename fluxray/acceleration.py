@@ -279,10 +279,10 @@ def _compile(model, speed: ResolvedSpeed) -> None:
         import torch.fx.experimental._config as fx_config
 
         fx_config.use_duck_shape = False
-    else:
-        # Static shapes compile one graph per (resolution, batch); the default limit of 8 would
-        # silently fall back to eager after the eighth.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Static shapes compile one graph per (resolution, batch), and the limit counts per code object, so
+    # every compiled transformer in one process (a test session, the LoRA bank's two paths) adds to the
+    # same blocks' count: the default of 8 would fall back to eager (or fail, with fullgraph) past it.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # Regional compilation: the 57 blocks share two graphs, so compiling takes seconds, not minutes.
     # bitsandbytes' layers break the graph, the rest traces whole.
     model.compile_repeated_blocks(
