@@ -414,11 +414,14 @@ class LoraRegistry:
     directory or an s3:// prefix) and the `files` given by name (paths or s3:// URIs). Requests name adapters;
     they never point at files or URLs. A file on S3 is fetched into a local cache when first needed (`path`)."""
 
-    def __init__(self, root: str | Path | None = None, files: dict[str, str] | None = None):
+    def __init__(
+        self, root: str | Path | None = None, files: dict[str, str] | None = None, endpoint_url: str | None = None
+    ):
         self.files: dict[str, str] = {}
+        self.endpoint_url = endpoint_url  # of the S3 API (else AWS_ENDPOINT_URL, else AWS's)
         if root and str(root).startswith("s3://"):
             try:
-                folder = S3Folder(str(root))
+                folder = S3Folder(str(root), endpoint_url=endpoint_url)
                 self.files.update({Path(n).stem: folder.uri + n for n in folder.names(".safetensors")})
             except S3FileError as error:
                 raise LoraError(f"lora_root {error}") from None
@@ -446,6 +449,6 @@ class LoraRegistry:
             return Path(where)
         folder, _, file = where.rpartition("/")
         try:
-            return S3Folder(folder).fetch(file, MAX_FILE_BYTES)
+            return S3Folder(folder, endpoint_url=self.endpoint_url).fetch(file, MAX_FILE_BYTES)
         except S3FileError as error:
             raise LoraError(str(error)) from None

@@ -1,7 +1,8 @@
 """Files under an s3:// prefix, listed and fetched into a local cache: what the engine reads from object
 storage (LoRA files for now) goes through here.
 
-The endpoint and credentials are boto3's usual ones (AWS_ENDPOINT_URL for any S3-compatible store). A file is
+The credentials are boto3's usual ones; the endpoint is the one given, else AWS_ENDPOINT_URL (any
+S3-compatible store), else AWS's. A file is
 fetched once per (key, ETag, size) into `cache_dir` (a temporary name, then renamed: a reader never sees half
 a file), so a replica or an actor that needs it again reads the local copy.
 """
@@ -29,12 +30,14 @@ def split_uri(uri: str) -> tuple[str, str]:
 class S3Folder:
     """The objects directly under one s3:// prefix."""
 
-    def __init__(self, uri: str, cache_dir: str | Path | None = None):
+    def __init__(self, uri: str, cache_dir: str | Path | None = None, endpoint_url: str | None = None):
         import boto3
 
         self.uri = uri if uri.endswith("/") else uri + "/"
         self.bucket, self.prefix = split_uri(self.uri)
-        self.client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+        self.endpoint_url = endpoint
         default = Path(tempfile.gettempdir()) / "fluxray-s3-cache"
         self.cache_dir = Path(cache_dir) if cache_dir else default
 

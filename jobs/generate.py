@@ -126,6 +126,7 @@ def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults,
             "lora_root": config.lora_root,
             "max_lora_rank": config.max_lora_rank,
             "max_resident_loras": config.max_resident_loras,
+            "endpoint_url": endpoint,  # an s3:// --lora-root's
         }
         for stage, cls, kwargs in (("denoise", DenoiseStage, {**speed, **loras}), ("decode", DecodeStage, speed)):
             ds = ds.map_batches(
@@ -187,7 +188,7 @@ def lora_names(lora_root: str | None) -> frozenset[str] | None:
     if lora_root is None:
         return None
     try:
-        return frozenset(LoraRegistry(lora_root).names())
+        return frozenset(LoraRegistry(lora_root, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None).names())
     except LoraError as error:
         raise UsageError(f"--lora-root: {error}") from None
 

@@ -290,9 +290,10 @@ class DenoiseStage:
         lora_root: str | None = None,
         max_lora_rank: int = 64,
         max_resident_loras: int = 8,
+        endpoint_url: str | None = None,
     ):
         self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
-        self.lora_registry = LoraRegistry(lora_root) if lora_root else None
+        self.lora_registry = LoraRegistry(lora_root, endpoint_url=endpoint_url) if lora_root else None
         slots = LoraSlots(MAX_LORAS_PER_ROW, max_lora_rank, max_resident_loras) if lora_root else None
         self.transformer = load_transformer(self.source, self.device, self.dtype, speed, slots)
         self.output_format = output_format
