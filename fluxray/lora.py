@@ -124,6 +124,15 @@ def check_lora_file(path: str | Path) -> Path:
     return path
 
 
+def linear_like(module: nn.Module | None) -> bool:
+    """An nn.Linear, or a layer that stands in for one (fluxray.quantization's fp8 and int8 Linears): what an
+    adapter's pair can sit on, its delta added to the layer's output in the activations' dtype."""
+    if isinstance(module, nn.Linear):
+        return True
+    sizes = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+    return module is not None and not isinstance(module, LoraLinear) and all(isinstance(n, int) for n in sizes)
+
+
 def read_lora(
     path: str | Path, transformer: nn.Module, name: str | None = None, max_rank: int = MAX_RANK
 ) -> LoraAdapter:
@@ -163,7 +172,7 @@ def read_lora(
         parent = modules.get(module.rpartition(".")[0])
         if getattr(parent, "fused_projections", False) and module.rpartition(".")[2] in FUSED_PROJECTIONS:
             fused.append(f"transformer.{module}")
-        ok = isinstance(target, nn.Linear) and set(pair) == {"lora_A", "lora_B"}
+        ok = linear_like(target) and set(pair) == {"lora_A", "lora_B"}
         if ok:
             a, b = pair["lora_A"], pair["lora_B"]
             ok = a.ndim == 2 and b.ndim == 2 and a.shape[1] == target.in_features and b.shape[0] == target.out_features
@@ -214,9 +223,11 @@ class LoraBank:
         slots: int = 8,
         transformer: nn.Module | None = None,
         fixed_shapes: bool = False,
+        dtype: torch.dtype | None = None,
     ):
         self.max_per_row, self.max_rank, self.slots = max_per_row, max_rank, slots
         self.transformer, self.fixed_shapes = transformer, fixed_shapes
+        self.dtype = dtype  # of the slots: the activations' (a quantized layer's weight is not)
         self.adapters: dict[str, LoraAdapter] = {}  # the resident ones (their float32 pairs on the host)
         self.slot_of: dict[str, int] = {}
         self.modules: dict[str, LoraLinear] = {}
@@ -306,16 +317,13 @@ class LoraBank:
 class LoraLinear(nn.Module):
     """A Linear plus the current rows' low-rank deltas (see LoraBank); the base weights are untouched."""
 
-    def __init__(self, base: nn.Linear, module: str, bank: LoraBank):
+    def __init__(self, base: nn.Module, module: str, bank: LoraBank):
         super().__init__()
         self.base, self.module_name, self.bank = base, module, bank
         weight = base.weight
-        self.lora_a = torch.zeros(
-            bank.slots + 1, bank.max_rank, base.in_features, device=weight.device, dtype=weight.dtype
-        )
-        self.lora_b = torch.zeros(
-            bank.slots + 1, base.out_features, bank.max_rank, device=weight.device, dtype=weight.dtype
-        )
+        dtype = bank.dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
+        self.lora_a = torch.zeros(bank.slots + 1, bank.max_rank, base.in_features, device=weight.device, dtype=dtype)
+        self.lora_b = torch.zeros(bank.slots + 1, base.out_features, bank.max_rank, device=weight.device, dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -382,16 +390,17 @@ def attach_loras(
     existing = getattr(transformer, "fluxray_loras", None)
     if existing is not None:
         return existing
-    bank = LoraBank(max_per_row, max_rank, slots, transformer=transformer, fixed_shapes=wrap_all)
+    dtype = getattr(transformer, "dtype", None)
+    bank = LoraBank(max_per_row, max_rank, slots, transformer=transformer, fixed_shapes=wrap_all, dtype=dtype)
     transformer.fluxray_loras = bank
     if wrap_all:
         for name, module in list(transformer.named_modules()):
-            if isinstance(module, nn.Linear) and name.startswith(BLOCK_PREFIXES):
+            if linear_like(module) and name.startswith(BLOCK_PREFIXES):
                 _wrap(transformer, name, module, bank)
     return bank
 
 
-def _wrap(transformer: nn.Module, path: str, target: nn.Linear, bank: LoraBank) -> None:
+def _wrap(transformer: nn.Module, path: str, target: nn.Module, bank: LoraBank) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = transformer.get_submodule(parent_path) if parent_path else transformer
     wrapped = LoraLinear(target, path, bank)

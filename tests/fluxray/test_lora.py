@@ -184,3 +184,34 @@ def test_under_compile_new_adapters_and_new_mixes_never_recompile(loras, lora_pi
         for batch in batches:
             for ours, eager in zip(compiled.generate(batch), lora_pipeline.generate(batch)):
                 assert max_pixel_diff(ours.pixels, eager.pixels) <= 2
+
+
+@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def test_a_quantized_transformer_takes_loras_each_row_its_own_delta(quantize, loras, lora_pipeline):
+    # The speed switches' quantized layers stand in for Linears: an adapter sits on them as on a Linear, its
+    # delta computed in the activations' dtype, equal to the delta on the full-precision layer.
+    import dataclasses
+
+    from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve
+    from fluxray.lora import LoraLinear
+
+    quantized = Pipeline.load("tiny", device="cpu")
+    # fp8 is refused on the CPU for users (a GPU switch); its block path runs on torch's CPU _scaled_mm.
+    speed = dataclasses.replace(resolve(SpeedOptions(), "cpu"), quantize=quantize)
+    accelerate_transformer(quantized.transformer, speed, quantized.source.spec.max_sequence_length)
+    bank = attach_loras(quantized.transformer, max_per_row=2, max_rank=8)
+    bank.add(read_lora(loras / "style.safetensors", quantized.transformer))
+    name = "single_transformer_blocks.0.proj_mlp"
+    ours, theirs = quantized.transformer.get_submodule(name), lora_pipeline.transformer.get_submodule(name)
+    assert isinstance(ours, LoraLinear) and not isinstance(ours.base, torch.nn.Linear)
+    x = torch.randn(2, 5, ours.in_features, generator=torch.Generator().manual_seed(0))
+    rows = [[LoraChoice("style", 0.7)], []]
+    bank.select(rows)
+    lora_pipeline.transformer.fluxray_loras.select(rows)
+    with torch.inference_mode():
+        delta, want = ours(x) - ours.base(x), theirs(x) - theirs.base(x)
+    torch.testing.assert_close(delta, want, rtol=1e-4, atol=1e-5)
+    assert delta[0].abs().max() > 1e-3 and delta[1].abs().max() == 0  # the row without adapters: exactly none
+    params = GenerationParams(prompt=PROMPT, seed=5, loras=[{"name": "style", "scale": 1.0}], **KW)
+    plain = quantized.generate(params.model_copy(update={"loras": ()}))[0]
+    assert max_pixel_diff(quantized.generate(params)[0].pixels, plain.pixels) > 4
