@@ -350,14 +350,15 @@ class Ingress:
     async def _images(self, params: GenerationParams, files: list[bytes], response_format: str) -> list[ImageData]:
         """The response's `data`: each image as base64 or as an object-store URL, with its seed."""
         cut = self.prompt_length.truncated(params.prompt, params.prompt_2)
+        loras = list(params.loras)
         if response_format == "url":
             loop = asyncio.get_running_loop()
             urls = await asyncio.gather(
                 *[loop.run_in_executor(None, self.store.put, f, params.output_format) for f in files]
             )
-            return [ImageData(url=u, seed=s, truncated=cut) for u, s in zip(urls, params.image_seeds())]
+            return [ImageData(url=u, seed=s, truncated=cut, loras=loras) for u, s in zip(urls, params.image_seeds())]
         return [
-            ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut)
+            ImageData(b64_json=base64.b64encode(f).decode(), seed=s, truncated=cut, loras=loras)
             for f, s in zip(files, params.image_seeds())
         ]
 

@@ -98,6 +98,9 @@ class ImageData(BaseModel):
         description="Text encoders that read only the start of the prompt: 'clip' (77 tokens), 't5' "
         "(512 for flux-dev, 256 for schnell); empty when both read all of it.",
     )
+    loras: list[LoraRequest] = Field(
+        default_factory=list, description="The LoRA adapters and scales this image was made with (fluxray extension)."
+    )
 
 
 class ImageJobRequest(ImageGenerationRequest):

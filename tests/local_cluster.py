@@ -185,6 +185,13 @@ class Cluster:
             from make_tiny_loras import make_tiny_loras
 
             make_tiny_loras(folder)
+            # A LoRA whose keys fit no module of the tiny transformer: requests naming it get a 422.
+            import torch
+            from safetensors.torch import save_file
+
+            save_file(
+                {"transformer.no_such_block.lora_A.weight": torch.zeros(2, 3)}, str(folder / "misfit.safetensors")
+            )
         return folder
 
     def deploy(self, config: dict) -> None:

@@ -29,8 +29,8 @@ KW = {"size": "64x64", "num_inference_steps": 4}
 def engine(cluster):
     pipeline = Pipeline.load("tiny", device="cpu")
     bank = attach_loras(pipeline.transformer, max_per_row=4, max_rank=64)
-    for path in sorted(cluster.loras().glob("*.safetensors")):
-        bank.add(read_lora(path, pipeline.transformer))
+    for name in ("style", "subject"):
+        bank.add(read_lora(cluster.loras() / f"{name}.safetensors", pipeline.transformer))
     return pipeline
 
 
@@ -45,7 +45,7 @@ def pixels(b64: str) -> np.ndarray:
 
 def test_the_server_lists_its_loras(cluster):
     listed = httpx.get(f"{cluster.url}/v1/loras", timeout=30).json()
-    assert [d["id"] for d in listed["data"]] == ["style", "subject"]
+    assert [d["id"] for d in listed["data"]] == ["misfit", "style", "subject"]
 
 
 def test_openai_client_names_loras_and_gets_the_engines_image(cluster, engine):
@@ -76,7 +76,9 @@ def test_requests_with_different_adapters_side_by_side(cluster, engine):
         answers = list(pool.map(post, range(8)))
     for i, answer in enumerate(answers):
         assert answer.status_code == 200, answer.text
-        assert max_pixel_diff(pixels(answer.json()["data"][0]["b64_json"]), want(engine, 10 + i, mixes[i % 4])) <= 2
+        (data,) = answer.json()["data"]
+        assert max_pixel_diff(pixels(data["b64_json"]), want(engine, 10 + i, mixes[i % 4])) <= 2
+        assert data["loras"] == mixes[i % 4]  # the response says what made the image
 
 
 @pytest.mark.parametrize(
@@ -124,3 +126,12 @@ def test_an_edit_takes_loras_as_a_json_form_field(cluster, engine):
         timeout=60,
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "loras"
+
+
+def test_a_lora_whose_keys_do_not_fit_is_a_422_naming_them(cluster):
+    body = {"prompt": PROMPT, "loras": [{"name": "misfit", "scale": 1.0}], **KW}
+    answer = httpx.post(f"{cluster.url}/v1/images/generations", json=body, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert "transformer.no_such_block.lora_A.weight" in answer.json()["error"]["message"]
+    ok = httpx.post(f"{cluster.url}/v1/images/generations", json={**body, "loras": []}, timeout=60)
+    assert ok.status_code == 200  # the replica goes on serving
