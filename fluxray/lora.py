@@ -236,6 +236,7 @@ class LoraBank:
         self.index: torch.Tensor | None = None  # (rows, positions) slot of each row's adapters
         self.scale: torch.Tensor | None = None  # (rows, positions * rank) each column's scale
         self.rank = max_rank  # columns per position this call
+        self.shared = False  # every row of this call has the same adapters (eager only: one pair, no gather)
 
     @property
     def width(self) -> int:
@@ -243,7 +244,7 @@ class LoraBank:
 
     def dry(self, rows: int) -> None:
         """The adapter path with every row on the zero slot at full width (torch.compile's warm-up)."""
-        self.rows, self.active, self.rank = (), True, self.max_rank
+        self.rows, self.active, self.rank, self.shared = (), True, self.max_rank, False
         device = next(iter(self.modules.values())).lora_a.device
         self.index = torch.zeros(rows, self.max_per_row, dtype=torch.long, device=device)
         self.scale = torch.zeros(rows, self.max_per_row * self.max_rank, device=device)
@@ -299,6 +300,7 @@ class LoraBank:
         self.active = any(choice.scale != 0 for choices in rows for choice in choices)
         if not self.active:
             return
+        self.shared = not self.fixed_shapes and len(set(rows)) == 1
         if self.fixed_shapes:
             positions, self.rank = self.max_per_row, self.max_rank
         else:
@@ -367,6 +369,11 @@ class LoraLinear(nn.Module):
             return out
         rows, positions = bank.index.shape
         rank = bank.rank
+        if bank.shared:  # every row the same adapters: one low-rank pair for the whole call, no gather
+            a = self.lora_a[bank.index[0]][:, :rank].reshape(positions * rank, self.base.in_features)
+            b = self.lora_b[bank.index[0]][..., :rank].permute(1, 0, 2).reshape(self.base.out_features, -1)
+            low = (x @ a.transpose(0, 1)) * bank.scale[0].to(x.dtype)
+            return out + low @ b.transpose(0, 1)
         a = self.lora_a[bank.index][:, :, :rank].reshape(rows, positions * rank, self.base.in_features)
         b = self.lora_b[bank.index][..., :rank].permute(0, 2, 1, 3).reshape(rows, self.base.out_features, -1)
         flat = x.reshape(rows, -1, x.shape[-1])
