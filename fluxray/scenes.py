@@ -6,9 +6,12 @@ bottom, center) on a background of another named colour, and its prompt says exa
 `sample_scene` draws one at random from a seed (size and place jittered a little), and `HELD_OUT` is a
 fixed set of combinations that training never shows, which the quality score uses.
 
-`read_scene` is the analytic detector for this world: it finds the background from the border, the
-shape as the pixels that differ from it, and reads colour (nearest named colour), place (centre of the
-shape's box) and shape class (how much of its box the shape fills: square ~1, circle ~pi/4, triangle ~1/2).
+`read_scene` is the analytic detector for this world: it finds the background from the border and the
+shape's colour from the pixels that differ from it, cuts the shape out half way between the two colours
+(the edge a blur or a VAE leaves in place), and fits each shape class to it: a circle, a square and a
+triangle of the shape's area, drawn as `render` draws them and placed on its centre of mass. The class
+whose outline covers the shape best (intersection over union) is the shape class, and that outline's
+centre gives the place; colour is the nearest named colour.
 """
 
 from __future__ import annotations
@@ -50,10 +53,8 @@ PLACE_WORDS = {
 # Half the side of a shape's box, as a fraction of the canvas's shorter side, and the jitter of place.
 HALF_SIZE = (0.14, 0.19)
 PLACE_JITTER = 0.04
-# Shape class from the fraction of its box a shape fills: triangle 0.5, circle 0.785, square 1.
-_FILL_CUTS = (0.64, 0.9)
-# A pixel belongs to the shape when it is further from the background (RGB distance) than this
-# fraction of the way to the named colour nearest the background.
+# First cut: a pixel stands out when it is further from the background (RGB distance) than this
+# fraction of the way to the named colour nearest the background; its median is the shape's colour.
 _FOREGROUND_FRACTION = 0.5
 
 
@@ -136,6 +137,21 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return _COLOUR_NAMES[int(np.argmin(((_COLOUR_TABLE - rgb) ** 2).sum(axis=1)))]
 
 
+def _outline(shape: str, area: float, mx: float, my: float, xs: np.ndarray, ys: np.ndarray):
+    """The pixels inside `shape` as `render` draws it, sized to `area` pixels with its centre of mass
+    at (mx, my), and the centre of its box (what `render` places)."""
+    if shape == "circle":
+        r = np.sqrt(area / np.pi)
+        return (xs - mx) ** 2 + (ys - my) ** 2 <= r * r, (mx, my)
+    if shape == "square":
+        r = np.sqrt(area) / 2
+        return (np.abs(xs - mx) <= r) & (np.abs(ys - my) <= r), (mx, my)
+    # Apex up, base 2r wide and 2r high: area 2r^2, centre of mass r/3 below the box's centre.
+    r = np.sqrt(area / 2)
+    cy = my - r / 3
+    return (ys >= cy - r) & (ys <= cy + r) & (np.abs(xs - mx) <= (ys - (cy - r)) / 2), (mx, cy)
+
+
 def read_scene(image: Image.Image) -> Scene | None:
     """What the detector sees in an image of this world; None when no shape stands out."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -146,21 +162,31 @@ def read_scene(image: Image.Image) -> Scene | None:
     background = _nearest_colour(background_rgb)
     others = np.array([rgb for name, rgb in COLOURS.items() if name != background], dtype=np.float32)
     threshold = _FOREGROUND_FRACTION * np.sqrt(((others - background_rgb) ** 2).sum(axis=1)).min()
-    mask = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2)) > threshold
-    if mask.sum() < 0.005 * h * w:
+    standing_out = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=2)) > threshold
+    if standing_out.sum() < 0.005 * h * w:
         return None
-    ys, xs = np.nonzero(mask)
-    # The box from robust extremes, so a few stray pixels do not stretch it.
-    x0, x1 = np.percentile(xs, [1, 99])
-    y0, y1 = np.percentile(ys, [1, 99])
-    box = max(x1 - x0 + 1, 1.0) * max(y1 - y0 + 1, 1.0)
-    inside = mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1].sum()
-    fill = inside / box
-    shape = "triangle" if fill < _FILL_CUTS[0] else "circle" if fill < _FILL_CUTS[1] else "square"
-    centre = np.array([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h])
-    place = min(PLACES, key=lambda p: float(((np.array(PLACES[p]) - centre) ** 2).sum()))
-    colour = _nearest_colour(np.median(pixels[mask], axis=0))
-    return Scene(colour, shape, place, background)
+    shape_rgb = np.median(pixels[standing_out], axis=0)
+    # The shape: pixels more than half way from the background's colour to the shape's; its colour is
+    # read from its core (past 90%), where soft edges do not blend in the background's.
+    towards = shape_rgb - background_rgb
+    way = ((pixels - background_rgb) @ towards) / float(towards @ towards)
+    mask = way > 0.5
+    core = way > 0.9
+    colour = _nearest_colour(np.median(pixels[core if core.sum() >= 16 else mask], axis=0))
+    area = float(mask.sum())
+    if area < 0.005 * h * w:
+        return None
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    mx, my = float(xs[mask].mean()), float(ys[mask].mean())
+    best, best_iou, centre = "circle", -1.0, (mx, my)
+    for candidate in SHAPES:
+        inside, box_centre = _outline(candidate, area, mx, my, xs, ys)
+        iou = (inside & mask).sum() / (inside | mask).sum()
+        if iou > best_iou:
+            best, best_iou, centre = candidate, iou, box_centre
+    at = np.array([centre[0] / w, centre[1] / h])
+    place = min(PLACES, key=lambda p: float(((np.array(PLACES[p]) - at) ** 2).sum()))
+    return Scene(colour, best, place, background)
 
 
 def adherence(asked: Scene, seen: Scene | None) -> dict[str, bool]:
