@@ -31,7 +31,7 @@ from deployments.scheduler import Job, QueueFull, Scheduler, split_images
 from deployments.text_encoder import EncodedPrompt
 from fluxray.editing import EncodedEdit, edit_task
 from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora_cache import HostCache, LoraResidency
+from fluxray.lora_cache import HostCache, LoraResidency, make_room
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -230,30 +230,24 @@ class DenoiserDeployment:
         for lora in params.loras:
             if lora.name in self.lora_bank.adapters:
                 continue
+            # One load per adapter however many requests wait for it; one evicted earlier comes back
+            # from host memory.
             loading = self.lora_loading.get(lora.name)
-            cached = self.lora_host.take(lora.name) if loading is None else None
-            if cached is not None:  # evicted earlier: back from host memory
-                loading = asyncio.get_running_loop().create_future()
-                loading.set_result(cached)
-            elif loading is None:  # one load per adapter however many requests wait for it
-                loading = asyncio.ensure_future(loop.run_in_executor(self.lora_loader, self._read_lora, lora.name))
-                loading.add_done_callback(lambda _, name=lora.name: self.lora_loading.pop(name, None))
-                self.lora_loading[lora.name] = loading
-            adapter = await asyncio.shield(loading)
+            adapter = self.lora_host.take(lora.name) if loading is None else None
+            if adapter is None:
+                if loading is None:
+                    loading = asyncio.ensure_future(loop.run_in_executor(self.lora_loader, self._read_lora, lora.name))
+                    loading.add_done_callback(lambda _, name=lora.name: self.lora_loading.pop(name, None))
+                    self.lora_loading[lora.name] = loading
+                adapter = await asyncio.shield(loading)
             if lora.name not in self.lora_bank.adapters:
-                self._evict_loras(keep={x.name for x in params.loras})
+                held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras}
+                make_room(self.lora_bank, self.lora_residency, self.lora_host, held | {x.name for x in params.loras})
                 self.lora_bank.add(adapter)
 
     def _read_lora(self, name: str):
         """In the loader thread: the adapter's file (fetched first when it is on S3), read against the model."""
         return read_lora(self.lora_registry.path(name), self.transformer, name, self.config.max_lora_rank)
-
-    def _evict_loras(self, keep: set[str]) -> None:
-        """Make room for one more adapter (fluxray.lora_cache decides which go)."""
-        held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras} | keep
-        for name in self.lora_residency.to_evict(self.lora_bank.adapters, held):
-            self.lora_host.put(self.lora_bank.adapters[name])
-            self.lora_bank.remove(name)
 
     def _ahead(self, jobs: list[Job]) -> tuple[int, float]:
         """A request's queue position (its least, over its parts) and seconds until its last part is done."""

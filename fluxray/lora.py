@@ -238,10 +238,6 @@ class LoraBank:
         self.rank = max_rank  # columns per position this call
         self.shared = False  # every row of this call has the same adapters (eager only: one pair, no gather)
 
-    @property
-    def width(self) -> int:
-        return self.max_per_row * self.max_rank
-
     def dry(self, rows: int) -> None:
         """The adapter path with every row on the zero slot at full width (torch.compile's warm-up)."""
         self.rows, self.active, self.rank, self.shared = (), True, self.max_rank, False

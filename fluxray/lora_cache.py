@@ -40,6 +40,14 @@ class LoraResidency:
         return evicted
 
 
+def make_room(bank, residency: LoraResidency, host: HostCache, held: set[str]) -> None:
+    """Before one more adapter joins `bank` (a fluxray.lora.LoraBank): move the ones `residency` picks
+    (none of `held`) from the bank to `host`."""
+    for name in residency.to_evict(bank.adapters, held):
+        host.put(bank.adapters[name])
+        bank.remove(name)
+
+
 class _Sized(Protocol):
     name: str
 

@@ -46,7 +46,7 @@ from fluxray.images import (
     read_input_image,
 )
 from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora_cache import HostCache, LoraResidency
+from fluxray.lora_cache import HostCache, LoraResidency, make_room
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.text_encoding import TextEncoder
@@ -312,9 +312,7 @@ class DenoiseStage:
             adapter = self.lora_host.take(name) or read_lora(
                 self.lora_registry.path(name), self.transformer, name, self.max_lora_rank
             )
-            for evicted in self.lora_residency.to_evict(bank.adapters, held=names):
-                self.lora_host.put(bank.adapters[evicted])
-                bank.remove(evicted)
+            make_room(bank, self.lora_residency, self.lora_host, held=names)
             bank.add(adapter)
 
     def _task(self, row: dict):
