@@ -27,6 +27,7 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve  
 from fluxray.images import psnr  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.scenes import ATTRIBUTES, HELD_OUT, Scene, adherence_rates, render  # noqa: E402
+from fluxray.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, adherence_rates, read_scene, render  # noqa: E402
 
 GOALS = {"colour": 0.9, "shape": 0.8, "place": 0.8}
 SIZE = 256
@@ -69,9 +70,18 @@ def generate(pipeline: Pipeline, scenes, seeds, per_scene=None, **settings) -> l
 
 
 def score(images) -> dict:
-    """Fraction of images whose colour / shape / place / background match, and all four at once."""
-    rates = adherence_rates([scene for scene, _, _ in images], [Image.fromarray(pixels) for _, _, pixels in images])
-    return {**{a: round(r, 4) for a, r in rates.items()}, "images": len(images)}
+    """Fraction of images whose colour / shape / place / background match, and all four at once; and
+    what shape class the detector read for each asked one (a model that draws blobs shows as one
+    class read for all three)."""
+    asked = [scene for scene, _, _ in images]
+    pictures = [Image.fromarray(pixels) for _, _, pixels in images]
+    rates = adherence_rates(asked, pictures)
+    read = Counter()
+    for scene, picture in zip(asked, pictures, strict=True):
+        seen = read_scene(picture)
+        read[(scene.shape, seen.shape if seen else "nothing")] += 1
+    shapes = {s: {r: read[(s, r)] for r in (*SHAPES, "nothing") if read[(s, r)]} for s in SHAPES}
+    return {**{a: round(r, 4) for a, r in rates.items()}, "images": len(images), "shape_read_as": shapes}
 
 
 @torch.no_grad()

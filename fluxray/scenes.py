@@ -51,8 +51,8 @@ PLACE_WORDS = {
     "center": "in the center",
 }
 # Half the side of a shape's box, as a fraction of the canvas's shorter side, and the jitter of place.
-HALF_SIZE = (0.14, 0.19)
-PLACE_JITTER = 0.04
+HALF_SIZE = (0.16, 0.17)
+PLACE_JITTER = 0.01
 # First cut: a pixel stands out when it is further from the background (RGB distance) than this
 # fraction of the way to the named colour nearest the background; its median is the shape's colour.
 _FOREGROUND_FRACTION = 0.5

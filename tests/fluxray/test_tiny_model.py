@@ -46,20 +46,24 @@ def test_untrained_model_gives_the_shipped_frozen_parts(tmp_path):
 
 
 def test_training_script_runs_end_to_end_and_repeats_itself(tmp_path):
-    # The whole recipe at a sliver of its steps (the real run takes ~40 min): it must still write
+    # The whole recipe at a sliver of its steps (the real run takes ~50 min): it must still write
     # a model diffusers loads and a log of each stage's losses, and a second run must write the
     # very same weights (fixed seeds, fixed thread count).
     from diffusers import FluxPipeline
 
+    # A third run takes the first run's VAE (--vae-from, which skips the VAE stage) and must still write
+    # the same bytes: nothing after the VAE stage depends on its having run.
     runs = []
-    for name in ("a", "b"):
+    for name, more in (("a", ()), ("b", ()), ("c", ("--vae-from", str(tmp_path / "a")))):
         out, log = tmp_path / name, tmp_path / f"{name}.json"
-        result = run_script("scripts/train_tiny_model.py", "--scale", "0.003", "--out", str(out), "--log", str(log))
+        args = ("--scale", "0.003", "--out", str(out), "--log", str(log), *more)
+        result = run_script("scripts/train_tiny_model.py", *args)
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(files(out))
-    record = json.loads(log.read_text())
-    assert all(record[stage]["loss_curve"] for stage in ("vae", "flow", "distill"))
-    assert runs[0] == runs[1]
+        record = json.loads(log.read_text())
+        assert all(record[stage]["loss_curve"] for stage in ("flow", "distill"))
+    assert json.loads((tmp_path / "a.json").read_text())["vae"]["loss_curve"] and record["vae"]["from"] == "--vae-from"
+    assert runs[0] == runs[1] == runs[2]
     pipe = FluxPipeline.from_pretrained(out, local_files_only=True)
     # Re-measured from this run's latents (a few steps of training: not the shipped values).
     assert pipe.vae.config.scaling_factor != get_spec("tiny").vae["scaling_factor"]
