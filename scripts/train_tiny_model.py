@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FluxPipeline
+from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -318,7 +319,9 @@ def main() -> None:
     pipe.text_encoder_2.eval()
     log: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.vae_from:
-        pipe.vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", local_files_only=True)
+        # Its weights into this run's VAE (from_pretrained would carry the folder's path into the saved config).
+        pipe.vae.load_state_dict(load_file(args.vae_from / "vae" / "diffusion_pytorch_model.safetensors"))
+        pipe.vae.eval()
         # That run's VAE record when its log is beside it, else this VAE's PSNR.
         earlier = args.vae_from / "train-tiny-model.json"
         if earlier.exists():

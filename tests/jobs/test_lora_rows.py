@@ -125,7 +125,9 @@ def test_rows_with_different_loras_in_one_batch_make_the_engines_images(lora_roo
     (back,) = run(stage, [record(11, loras="subject=1.2;ink-kohya=0.5")], tmp_path / "back")
     assert "subject" in stage.transformer.fluxray_loras.adapters and "subject" not in stage.lora_host.items
     got = np.asarray(Image.open(tmp_path / "back" / back["image"]).convert("RGB"))
-    assert max_pixel_diff(got, np.asarray(Image.open(tmp_path / out[1]["image"]).convert("RGB"))) == 0
+    # The same row as out[1], alone now and in a batch of three then: equal up to the batch's float order
+    # (1/255; a lost or wrong adapter moves pixels by more than 4, as above).
+    assert max_pixel_diff(got, np.asarray(Image.open(tmp_path / out[1]["image"]).convert("RGB"))) <= 1
 
 
 def test_an_s3_lora_root_lists_by_stem_and_fetches_once(ray_cluster, tiny_loras, monkeypatch, tmp_path):
