@@ -41,7 +41,7 @@ from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve  
 from fluxray.images import psnr  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, adherence_rates, read_scene, render  # noqa: E402
+from fluxray.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, rates_of_reads, read_scene, render  # noqa: E402
 
 GOALS = {"colour": 0.9, "shape": 0.8, "place": 0.8}
 SIZE = 256
@@ -74,12 +74,9 @@ def score(images) -> dict:
     what shape class the detector read for each asked one (a model that draws blobs shows as one
     class read for all three)."""
     asked = [scene for scene, _, _ in images]
-    pictures = [Image.fromarray(pixels) for _, _, pixels in images]
-    rates = adherence_rates(asked, pictures)
-    read = Counter()
-    for scene, picture in zip(asked, pictures, strict=True):
-        seen = read_scene(picture)
-        read[(scene.shape, seen.shape if seen else "nothing")] += 1
+    seen = [read_scene(Image.fromarray(pixels)) for _, _, pixels in images]
+    rates = rates_of_reads(asked, seen)
+    read = Counter((scene.shape, s.shape if s else "nothing") for scene, s in zip(asked, seen, strict=True))
     shapes = {s: {r: read[(s, r)] for r in (*SHAPES, "nothing") if read[(s, r)]} for s in SHAPES}
     return {**{a: round(r, 4) for a, r in rates.items()}, "images": len(images), "shape_read_as": shapes}
 

@@ -207,7 +207,12 @@ ATTRIBUTES = ("colour", "shape", "place", "background")
 def adherence_rates(asked: list[Scene], images: list[Image.Image]) -> dict[str, float]:
     """Over images of the asked scenes: the fraction whose colour / shape / place / background the
     detector reads as asked, and the fraction right on all four."""
-    marks = [adherence(scene, read_scene(image)) for scene, image in zip(asked, images, strict=True)]
+    return rates_of_reads(asked, [read_scene(image) for image in images])
+
+
+def rates_of_reads(asked: list[Scene], seen: list[Scene | None]) -> dict[str, float]:
+    """adherence_rates over what the detector already read (`read_scene` of each image)."""
+    marks = [adherence(scene, read) for scene, read in zip(asked, seen, strict=True)]
     rates = {a: float(np.mean([m[a] for m in marks])) for a in ATTRIBUTES}
     rates["all"] = float(np.mean([all(m.values()) for m in marks]))
     return rates
