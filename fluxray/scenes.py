@@ -51,7 +51,7 @@ PLACE_WORDS = {
     "center": "in the center",
 }
 # Half the side of a shape's box, as a fraction of the canvas's shorter side, and the jitter of place.
-HALF_SIZE = (0.16, 0.17)
+HALF_SIZE = (0.20, 0.21)
 PLACE_JITTER = 0.01
 # First cut: a pixel stands out when it is further from the background (RGB distance) than this
 # fraction of the way to the named colour nearest the background; its median is the shape's colour.
@@ -110,7 +110,7 @@ def sample_scene(rng: random.Random, scenes: tuple[Scene, ...] = TRAINING_SCENES
     return scene, jitter
 
 
-def render(scene: Scene, width: int = 256, height: int = 256, half: float = 0.165, dx: float = 0.0, dy: float = 0.0):
+def render(scene: Scene, width: int = 256, height: int = 256, half: float = 0.205, dx: float = 0.0, dy: float = 0.0):
     """The scene as an RGB PIL image, drawn at twice the size and reduced so edges are smooth."""
     scale = 2
     w, h = width * scale, height * scale

@@ -7,7 +7,8 @@ from image_checks import diffusers_image, max_pixel_diff
 
 from fluxray.params import GenerationParams
 
-PROMPT = "a photo of a cat sitting on a red chair"
+# A scene of the tiny model's world: what it has learned to draw, so the images are far from flat.
+PROMPT = "a yellow square in the center, blue background"
 
 
 @pytest.mark.parametrize(
@@ -60,7 +61,10 @@ def test_image_i_uses_seed_plus_i(tiny_pipeline, diffusers_pipe):
     assert [im.seed for im in images] == [40, 41, 42]
     for image in images:
         assert max_pixel_diff(image.pixels, diffusers_image(diffusers_pipe, PROMPT, image.seed, **kwargs)) <= 2
-    assert max_pixel_diff(images[0].pixels, images[1].pixels) > 10
+    # Seeds 40 and 41 give images further apart than twice the parity bound, so an image drawn from
+    # the wrong seed could not pass the check above (the trained model draws this prompt's scene
+    # nearly the same from any noise: measured worst pixel 9 apart at this size).
+    assert max_pixel_diff(images[0].pixels, images[1].pixels) > 4
 
 
 def test_bfloat16_arithmetic_matches_flux_pipeline():
