@@ -51,6 +51,8 @@ PLACE_WORDS = {
     "center": "in the center",
 }
 # Half the side of a shape's box, as a fraction of the canvas's shorter side, and the jitter of place.
+# A shape is 40-42% of the canvas across: the tiny transformer sees 256x256 as 16x16 tokens, and at a
+# third of the canvas (five tokens) its corners were too fine for it (README, "The tiny model and its world").
 HALF_SIZE = (0.20, 0.21)
 PLACE_JITTER = 0.01
 # First cut: a pixel stands out when it is further from the background (RGB distance) than this
