@@ -1,6 +1,9 @@
 """Async generation jobs, run by the ingress replica that took them: the record and events in the job
 store (deployments.job_store), the graph through the Denoiser's streaming call, so that queue position,
-step progress, ETA and previews come from the Denoiser's own step loop.
+step progress, ETA and previews come from the Denoiser's own step loop. The graph is the synchronous
+routes' own (deployments.graph builds it), run by the same GraphRunner (`stream`), so a job fails as
+the synchronous request would have been answered: its `error` has that answer's `status`, `type`,
+`code` and `param`.
 
 A job's life: `queued` (its record made, 202 answered) -> `running` (its first denoising step) ->
 `succeeded` | `failed` | `cancelled`. Its events, in order: `queued` (position, ETA; again whenever the
@@ -12,8 +15,10 @@ for), then one terminal event.
   waiting never reaches a step, a running one leaves the Denoiser at its next step boundary.
 - Capacity: a job waits for a stage that is full (Serve's queue bound) instead of failing, and the
   Denoiser admits it however long it will wait; what bounds them is `max_queued_jobs` per ingress
-  replica (429 beyond it).
-- A stage replica lost under a job: the graph runs again (`stage_retries`; the seed fixes the image).
+  replica (429 beyond it). Neither the ingress's max_pending_requests nor its request_timeout_s
+  applies to a job.
+- A stage replica lost under a job: the graph runs again (`stage_retries`; the seed fixes the image),
+  then the job fails with status 503, as the synchronous request would.
 - The owner lost (its ingress replica died): its heartbeat (HEARTBEAT_S) stops, and whoever reads the
   job after `job_lost_after_s` marks it failed with `code: job_lost, retryable: true`; the client
   submits it again. (Re-running it elsewhere would need a lease on the job; marking it failed is
@@ -31,15 +36,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ray.serve.handle import DeploymentHandle
-
-from deployments.denoiser import routed
 from deployments.errors import APIError
-from deployments.graph_runner import at_capacity, replica_lost
+from deployments.graph import Graph
+from deployments.graph_runner import GraphRunner
 from deployments.job_store import JobStore, Patient
-from deployments.vae_decoder import DecodeRequest
 from deployments.webhooks import DEFAULT_EVENTS, WebhookSender
-from fluxray.images import image_metadata
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_image
 
@@ -48,6 +49,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 CANCEL_POLL_S = 0.25
 HEARTBEAT_S = 2.0
 FIRST_POSITION_WAIT_S = 2.0  # how long a POST waits for the Denoiser's first queue position
+RETRYABLE = (429, 503, 504)  # a job that failed with these may succeed when submitted again
 
 
 def new_job_id() -> str:
@@ -64,16 +66,27 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+def job_error(error: APIError) -> dict[str, Any]:
+    """A failed job's `error`: what the synchronous route would have answered (its status, and the body's
+    message, type, param and code), and whether submitting the job again may succeed."""
+    return {
+        "message": error.message,
+        "type": error.kind,
+        "code": error.code,
+        "param": error.param,
+        "status": error.status,
+        "retryable": error.status in RETRYABLE,
+    }
+
+
 class AsyncJobs:
     def __init__(
         self,
         store: JobStore,
-        encoder: DeploymentHandle,
-        denoisers: dict[str, DeploymentHandle],
-        vae: DeploymentHandle,
+        graph: Graph,
+        runner: GraphRunner,
         *,
         model_name: str,
-        retries: int,
         retry_after_s: int,
         max_queued_jobs: int,
         preview_every: int,
@@ -84,9 +97,9 @@ class AsyncJobs:
         on_status: Callable[[str], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
     ):
-        self.store, self.encoder, self.denoisers, self.vae = store, encoder, denoisers, vae  # a Denoiser per model
+        self.store, self.graph, self.runner = store, graph, runner  # the sync routes' graph and runner
         self.writer = Patient(store, lost_after_s / 2)  # a running job's own writes wait out a store restart
-        self.model_name, self.retries, self.retry_after_s = model_name, retries, retry_after_s
+        self.model_name, self.retry_after_s = model_name, retry_after_s
         self.max_queued_jobs, self.preview_every = max_queued_jobs, preview_every
         self.result_max_bytes, self.lost_after_s = result_max_bytes, lost_after_s
         self.finish = finish  # the images' `data` entries (b64 or object-store URLs), as the sync route's
@@ -164,6 +177,8 @@ class AsyncJobs:
                 "message": "the server replica running this job stopped; submit it again",
                 "type": "server_error",
                 "code": "job_lost",
+                "param": None,
+                "status": 503,
                 "retryable": True,
             }
             record = await self._end(job_id, "failed", error=error)
@@ -215,12 +230,12 @@ class AsyncJobs:
             with contextlib.suppress(Exception):
                 await self._end(job_id, "cancelled")
         except APIError as error:
-            failure = {"message": error.message, "type": error.kind, "code": error.code, "retryable": False}
-            await self._end(job_id, "failed", error=failure)
+            await self._end(job_id, "failed", error=job_error(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is its record's, not the server's
             logger.exception("async job %s failed", job_id)
-            failure = {"message": f"generation failed: {type(error).__name__}", "type": "server_error", "code": None}
-            await self._end(job_id, "failed", error={**failure, "retryable": False})
+            # As the synchronous route answers an unexpected failure (deployments.errors), but naming its kind.
+            failure = APIError(500, f"generation failed: {type(error).__name__}", kind="server_error")
+            await self._end(job_id, "failed", error=job_error(failure))
         finally:
             placed.set()
             watcher.cancel()
@@ -241,26 +256,9 @@ class AsyncJobs:
     async def _work(
         self, job_id: str, params: GenerationParams, request: dict, preview: bool, placed: asyncio.Event, model: str
     ) -> None:
-        negative = params.negative_prompt if params.do_true_cfg else None
         every = self.preview_every if preview else 0
-        attempt = 0
-        while True:
-            try:
-                denoised = await self._denoise(job_id, params, negative, every, placed, model)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # Ray and Serve wrap a lost replica, or a full queue, in several ways
-                if at_capacity(error):
-                    await asyncio.sleep(self.retry_after_s)  # a full stage: the job waits, it does not fail
-                    continue
-                if not replica_lost(error) or attempt >= self.retries:
-                    raise
-                attempt += 1
-                logger.warning("stage replica lost under job %s; running it again", job_id)
-        metadata = [image_metadata(params, seed, model) for seed in params.image_seeds()]
-        decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
-        decoded = await self.vae.decode.remote(denoised, decode)
+        launch = self.graph.launch_stream(params, model, every)
+        decoded = await self.runner.stream(launch, lambda event: self._on_event(job_id, event, placed))
         size = sum(len(f) for f in decoded.files) * 4 // 3
         if size > self.result_max_bytes:
             raise APIError(
@@ -273,40 +271,29 @@ class AsyncJobs:
         timings = {k: round(v * 1000, 1) for k, v in decoded.timings.items()}
         await self._end(job_id, "succeeded", data=data, timings=timings)
 
-    async def _denoise(self, job_id, params, negative, every, placed: asyncio.Event, model: str):
-        encoded = self.encoder.encode.remote(params.prompt, params.prompt_2, negative)
-        denoiser = routed(self.denoisers[model], params).options(stream=True)
-        stream = denoiser.denoise_stream.remote(encoded, params, every, True)
-        try:
-            async for event in stream:
-                kind = event["event"]
-                if kind == "queued":
-                    await self.writer.update(job_id, queue_position=event["position"], eta_s=event["eta_s"])
-                    await self._emit(job_id, "queued", {"position": event["position"], "eta_s": event["eta_s"]})
-                    placed.set()
-                elif kind == "started":
-                    record = await self.writer.update(
-                        job_id, status="running", started_at=time.time(), queue_position=0
-                    )
-                    self.on_queue_wait(record["started_at"] - record["created_at"])
-                    await self._emit(job_id, "started", {})
-                    self.on_status("running")
-                elif kind == "progress":
-                    progress = {"step": event["step"], "steps": event["steps"]}
-                    await self.writer.update(job_id, progress=progress, eta_s=event["eta_s"])
-                    data = {**progress, "eta_s": event["eta_s"]}
-                    if "preview" in event:
-                        data["preview"] = await self._preview(event["preview"])
-                    await self._emit(job_id, "progress", data)
-                elif kind == "done":
-                    return event["result"]
-        finally:
-            stream.cancel()
-        raise RuntimeError("the denoiser's stream ended without a result")
+    async def _on_event(self, job_id: str, event: dict, placed: asyncio.Event) -> None:
+        """One of the Denoiser's events (GraphRunner.stream): into the job's record and its event log."""
+        kind = event["event"]
+        if kind == "queued":
+            await self.writer.update(job_id, queue_position=event["position"], eta_s=event["eta_s"])
+            await self._emit(job_id, "queued", {"position": event["position"], "eta_s": event["eta_s"]})
+            placed.set()
+        elif kind == "started":
+            record = await self.writer.update(job_id, status="running", started_at=time.time(), queue_position=0)
+            self.on_queue_wait(record["started_at"] - record["created_at"])
+            await self._emit(job_id, "started", {})
+            self.on_status("running")
+        elif kind == "progress":
+            progress = {"step": event["step"], "steps": event["steps"]}
+            await self.writer.update(job_id, progress=progress, eta_s=event["eta_s"])
+            data = {**progress, "eta_s": event["eta_s"]}
+            if "preview" in event:
+                data["preview"] = await self._preview(event["preview"])
+            await self._emit(job_id, "progress", data)
 
     async def _preview(self, latents) -> str:
         """A data URL of a small JPEG of the first image, from its latents (fluxray.preview)."""
         if self.projection is None:
-            self.projection = await self.vae.preview_projection.remote()
+            self.projection = await self.graph.vae.preview_projection.remote()
         jpeg = await asyncio.get_running_loop().run_in_executor(None, preview_image, latents, self.projection)
         return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

@@ -69,6 +69,11 @@ class AppConfig(BaseModel):
     )
     torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
     default_size: str = Field(default="1024x1024", description="Size used when a request sends none or 'auto'.")
+    warm_up: bool = Field(
+        default=True,
+        description="Each stage replica runs its model at default_size, and the ingress makes one call through "
+        "the graph, before it reports ready (deployments.warmup): the first request runs as fast as the next.",
+    )
     prompt_cache_bytes: int = Field(
         default=256 * 2**20,
         ge=0,

@@ -27,12 +27,13 @@ from ray import serve
 
 from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
 from deployments.metrics import DenoiserMetrics
-from deployments.scheduler import Job, QueueFull, Scheduler, split_images
+from deployments.scheduler import Job, QueueFull, Scheduler, request_shape
 from deployments.text_encoder import EncodedPrompt
+from deployments.warmup import timed, warm_denoiser
 from fluxray.editing import EncodedEdit, edit_task
 from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
 from fluxray.lora_cache import HostCache, LoraResidency, make_room
-from fluxray.params import GenerationParams
+from fluxray.params import GenerationParams, parse_size
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise_step, denoise_task, image_ids, text_ids
@@ -101,6 +102,10 @@ class DenoiserDeployment:
             slots = LoraSlots(config.max_loras_per_request, config.max_lora_rank, config.max_resident_loras)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed, slots)
         self.lora_bank = getattr(self.transformer, "fluxray_loras", None)
+        width, height = parse_size(self.config.default_size)
+        spec = self.source.spec
+        if self.config.warm_up:
+            timed("Denoiser", lambda: warm_denoiser(self.transformer, spec, height, width, self.device, self.dtype))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.lora_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
         self.lora_loading: dict[str, asyncio.Future] = {}
@@ -269,13 +274,16 @@ class DenoiserDeployment:
         if self.loop_task is None or self.loop_task.done():
             self.wakeup = asyncio.Event()
             self.loop_task = loop.create_task(self._run())
-        shape = (params.height, params.width, encoded.embeds.sequence.shape[1])
-        if edit is not None and edit.reference_shape is not None:
-            shape += edit.reference_shape  # Kontext: its reference tokens are part of every row
-        per_image = 2 if encoded.negative is not None and params.do_true_cfg else 1
-        parts = split_images(
-            params.n, per_image, shape, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images
+        # The shape the ingress checked (deployments.scheduler.request_shape): Kontext's reference tokens
+        # are part of every row.
+        request = request_shape(
+            params,
+            encoded.embeds.sequence.shape[1],
+            edit.reference_shape if edit is not None else None,
+            true_cfg=encoded.negative is not None and params.do_true_cfg,
         )
+        shape, per_image = request.shape, request.rows_per_image
+        parts = request.parts(params.n, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images)
         steps = params.num_inference_steps - (params.start_step() if edit is not None else 0)
         if not self.scheduler.jobs:
             self.last_progress = time.monotonic()  # the clock of stuck_after_s starts with work

@@ -27,9 +27,9 @@ from ray.serve.handle import DeploymentHandle
 import fluxray
 from deployments.async_jobs import TERMINAL, AsyncJobs, public
 from deployments.config import AppConfig, served_models
-from deployments.denoiser import routed
 from deployments.edit_body import read_edit_body
 from deployments.errors import ERRORS, APIError, install_error_handlers
+from deployments.graph import Graph
 from deployments.graph_runner import GraphRunner
 from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
 from deployments.job_store import JobStoreUnavailable, open_store
@@ -50,15 +50,24 @@ from deployments.protocol import (
     ModelList,
     to_generation_params,
 )
-from deployments.scheduler import tokens
-from deployments.vae_decoder import DecodedImages, DecodeRequest
+from deployments.scheduler import OverTokenBudget, request_shape
+from deployments.vae_decoder import DecodedImages
+from deployments.warmup import warm_graph
 from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
-from fluxray.editing import EditError, EditInputs, EditParams, default_size, edit_method, fit_size, prepare_edit
+from fluxray.editing import (
+    EditError,
+    EditInputs,
+    EditParams,
+    default_size,
+    edit_method,
+    fit_size,
+    prepare_edit,
+    reference_size,
+)
 from fluxray.images import (
     MEDIA_TYPES,
     InputImageError,
     edit_mask,
-    image_metadata,
     image_sha256,
     mask_from_alpha,
     read_input_image,
@@ -166,7 +175,7 @@ API_KEY = [Security(HTTPBearer(auto_error=False, description="One of FLUXRAY_API
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(
+    async def __init__(
         self,
         config: dict,
         encoder: DeploymentHandle,
@@ -207,13 +216,12 @@ class Ingress:
         store = open_store(
             self.config.job_store, self.config.job_ttl_s, os.environ.get(self.config.job_store_password_env)
         )
+        self.graph = Graph(encoder, denoisers, vae, vae_encoder)  # both the sync routes' and the jobs'
         self.jobs = AsyncJobs(
             store,
-            encoder,
-            denoisers,
-            vae,
+            self.graph,
+            self.runner,
             model_name=self.model_name,
-            retries=self.config.stage_retries,
             retry_after_s=self.config.retry_after_s,
             max_queued_jobs=self.config.max_queued_jobs,
             preview_every=self.config.preview_every_steps,
@@ -227,6 +235,11 @@ class Ingress:
         keys = ApiKeys.from_env(self.config.api_keys_env)
         RequestGuard.configure(GuardPolicy(keys, self.config.max_body_bytes, self._answered))
         logger.info("API keys %s", f"required ({len(keys)} accepted)" if keys.enabled else "not required")
+        # The graph's first call before this replica is ready, so the first user request runs warm.
+        if self.config.warm_up:
+            await warm_graph(
+                self.runner, self.graph, self.specs, self.config.default_size, self.config.request_timeout_s
+            )
 
     def _answered(self, path: str, status: int, seconds: float) -> None:
         self.metrics.answered(route_label(path), status, seconds)
@@ -238,15 +251,25 @@ class Ingress:
         if requested not in self.specs:
             served = ", ".join(repr(name) for name in self.specs)
             raise APIError(
-                404, f"model: unknown model {requested!r}; this server serves {served}", "model", "model_not_found"
+                404,
+                f"model: unknown model {requested!r}; this server serves {served}",
+                "model",
+                "not_found_error",
+                code="model_not_found",
             )
         return requested
 
     def _params(
-        self, request: ImageGenerationRequest, model: str, size: str | None = None, kind: type = GenerationParams
+        self,
+        request: ImageGenerationRequest,
+        model: str,
+        size: str | None = None,
+        kind: type = GenerationParams,
+        reference: tuple[int, int] | None = None,
     ) -> GenerationParams:
         """The request's resolved params for `model`; `size` in place of the request's own when given
-        (an edit's default size comes from its image), `kind` EditParams for an edit."""
+        (an edit's default size comes from its image), `kind` EditParams for an edit, `reference` a Kontext
+        edit's reference size (height, width), whose tokens join every row."""
         spec = self.specs[model]
         if spec.edit == "fill" and kind is not EditParams:
             raise APIError(
@@ -290,17 +313,19 @@ class Ingress:
                 None,
                 code="pixel_budget_exceeded",
             )
-        rows = 2 if params.do_true_cfg else 1
-        per_image = rows * tokens((params.height, params.width, spec.max_sequence_length))
-        if per_image > self.config.denoiser_max_batch_tokens:
+        # The same shape and split the Denoiser computes (deployments.scheduler.request_shape).
+        shape = request_shape(params, spec.max_sequence_length, reference)
+        try:
+            shape.parts(params.n, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images)
+        except OverTokenBudget as over:
             raise APIError(
                 422,
-                f"size: one {params.width}x{params.height} image{' with true CFG (2 rows)' if rows == 2 else ''} "
-                f"is {per_image} transformer tokens, over this server's denoiser_max_batch_tokens of "
-                f"{self.config.denoiser_max_batch_tokens}; ask for a smaller image",
+                f"size: one {params.width}x{params.height} image is {over.tokens} transformer tokens "
+                f"({shape.describe()}), over this server's denoiser_max_batch_tokens of {over.budget}; "
+                "ask for a smaller image",
                 "size",
                 code="batch_token_budget_exceeded",
-            )
+            ) from None
         return params
 
     def _check_loras(self, params: GenerationParams) -> None:
@@ -327,22 +352,7 @@ class Ingress:
         and the request's timings. An edit's inputs go through the VAEEncoder; `extra` joins each image's
         metadata."""
         started = time.monotonic()
-        negative = params.negative_prompt if params.do_true_cfg else None
-        metadata = [{**image_metadata(params, seed, model), **(extra or {})} for seed in params.image_seeds()]
-        decode = DecodeRequest(params.height, params.width, params.output_format, metadata)
-        denoiser = routed(self.denoisers[model], params)
-
-        def launch():
-            # Each stage's response goes straight into the next: tensors move replica to replica.
-            encoded = self.encoder.encode.remote(params.prompt, params.prompt_2, negative)
-            if edit is None:
-                latents = denoiser.denoise.remote(encoded, params)
-                return encoded, latents, self.vae.decode.remote(latents, decode)
-            image = self.vae_encoder.encode.remote(edit)
-            latents = denoiser.denoise.remote(encoded, params, image)
-            return encoded, image, latents, self.vae.decode.remote(latents, decode)
-
-        result = await self.runner.run(launch)
+        result = await self.runner.run(self.graph.launch(params, model, edit, extra))  # deployments.graph
         self.metrics.images.inc(len(result.files))
         result.timings["total"] = time.monotonic() - started
         return result
@@ -431,7 +441,11 @@ class Ingress:
         if fields.size in (None, "auto"):
             default_w, default_h = parse_size(self.config.default_size)
             size = "{}x{}".format(*fit_size(*default_size(spec, image), default_w * default_h))
-        params = self._params(fields, model, size, EditParams)
+        reference = None
+        if method == "kontext":  # the Denoiser's reference: prepare_edit's resize, through the VAE's 8x
+            ref_w, ref_h = reference_size(spec, image.width, image.height)
+            reference = (ref_h, ref_w)
+        params = self._params(fields, model, size, EditParams, reference)
         inputs = await loop.run_in_executor(None, prepare_edit, spec, method, image, mask, params.width, params.height)
         extra = {"edit": method, "strength": params.strength, "image_sha256": image_sha256(image)}
         if mask is not None:

@@ -148,7 +148,11 @@ class ImageJob(BaseModel):
     links: dict[str, str]
     data: list[ImageData] | None = Field(default=None, description="When succeeded: as /v1/images/generations.")
     timings: dict[str, float] | None = None
-    error: dict | None = Field(default=None, description="When failed: message, type, code, retryable.")
+    error: dict | None = Field(
+        default=None,
+        description="When failed: message, type, code and param, as the synchronous route's error body; status, "
+        "the HTTP status it would have answered; retryable, whether submitting the job again may succeed.",
+    )
 
 
 class ImagesResponse(BaseModel):

@@ -52,14 +52,89 @@ def tokens(shape: Shape) -> int:
     return (height // PATCH) * (width // PATCH) + text + extra
 
 
+class OverTokenBudget(ValueError):
+    """One image of a request is more transformer tokens than a batch may hold. The ingress answers
+    it 422 naming `size`, before any stage runs; should a Denoiser still meet one (a budget that
+    differs between them), the graph runner answers it the same way. (Picklable: it crosses replicas.)"""
+
+    def __init__(self, tokens: int, budget: int):
+        super().__init__(tokens, budget)
+        self.tokens, self.budget = tokens, budget
+
+    def __str__(self) -> str:
+        return f"one image is {self.tokens} tokens, over the batch budget of {self.budget}"
+
+
 def split_images(images: int, rows_per_image: int, shape: Shape, max_batch_tokens: int, max_batch_images: int):
     """Image counts of the parts a request is run as: one part when it fits a batch, else parts
-    of as many whole images as fit. Raises ValueError when a single image does not fit."""
+    of as many whole images as fit. Raises OverTokenBudget (a ValueError) when a single image does not fit."""
     per_image = rows_per_image * tokens(shape)
     if per_image > max_batch_tokens:
-        raise ValueError(f"one image is {per_image} tokens, over the batch budget of {max_batch_tokens}")
+        raise OverTokenBudget(per_image, max_batch_tokens)
     most = max(1, min(max_batch_images, max_batch_tokens // per_image))
     return [min(most, images - start) for start in range(0, images, most)]
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What one image of a request costs the transformer, computed in one place for the ingress (which
+    refuses an image over the token budget) and the Denoiser (which batches and splits by it):
+
+    - image tokens: (H/16) x (W/16), the VAE's 8x and FLUX's 2x2 latent patches;
+    - text tokens: the T5 sequence (the spec's max_sequence_length: the encoder pads to it);
+    - reference tokens (FLUX.1 Kontext): its reference image's latents, concatenated to every row,
+      (h/16) x (w/16) of the reference size fluxray.editing.reference_size picks from the input;
+    - rows per image: 2 with true CFG (the negative prompt's pass), else 1."""
+
+    height: int
+    width: int
+    text_tokens: int
+    rows_per_image: int = 1
+    reference: tuple[int, int] | None = None  # Kontext: (height, width) of the reference, in pixels
+
+    @property
+    def shape(self) -> Shape:
+        """The scheduler's Shape: what the jobs of one transformer call must share."""
+        return (self.height, self.width, self.text_tokens, *(self.reference or ()))
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.height // PATCH) * (self.width // PATCH)
+
+    @property
+    def reference_tokens(self) -> int:
+        return (self.reference[0] // PATCH) * (self.reference[1] // PATCH) if self.reference else 0
+
+    @property
+    def row_tokens(self) -> int:
+        return tokens(self.shape)
+
+    @property
+    def image_units(self) -> int:
+        """Batch budget one image takes: rows x tokens."""
+        return self.rows_per_image * self.row_tokens
+
+    def parts(self, images: int, max_batch_tokens: int, max_batch_images: int) -> list[int]:
+        """split_images for this shape: the image counts of the request's parts, or OverTokenBudget."""
+        return split_images(images, self.rows_per_image, self.shape, max_batch_tokens, max_batch_images)
+
+    def describe(self) -> str:
+        """E.g. '5888 image + 64 text + 256 reference tokens, x2 rows (true CFG)'."""
+        words = [f"{self.image_tokens} image", f"{self.text_tokens} text"]
+        if self.reference:
+            words.append(f"{self.reference_tokens} reference")
+        rows = ", x2 rows (true CFG)" if self.rows_per_image == 2 else ""
+        return " + ".join(words) + f" tokens{rows}"
+
+
+def request_shape(
+    params: Any, text_tokens: int, reference: tuple[int, int] | None = None, true_cfg: bool | None = None
+) -> RequestShape:
+    """The RequestShape of resolved params (fluxray.params.GenerationParams: height, width, do_true_cfg);
+    `reference` Kontext's reference (height, width); `true_cfg` in place of params.do_true_cfg (the
+    Denoiser: whether its request came with a negative prompt's embeddings)."""
+    cfg = params.do_true_cfg if true_cfg is None else true_cfg
+    return RequestShape(params.height, params.width, text_tokens, 2 if cfg else 1, reference)
 
 
 class StepCosts:

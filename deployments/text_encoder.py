@@ -14,6 +14,7 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
+from deployments.warmup import timed, warm_text_encoder
 from fluxray.embeds import PromptEmbeds
 from fluxray.runtime import stage_runtime
 from fluxray.text_encoding import TextEncoder
@@ -101,6 +102,8 @@ class TextEncoderDeployment:
         self.config = AppConfig.model_validate(config)
         source, device, dtype = stage_runtime(*self.config.runtime)
         self.encoder = TextEncoder.load(source, device, dtype, self.config.speed)
+        if self.config.warm_up:
+            timed("TextEncoder", lambda: warm_text_encoder(self.encoder))
         self.cache = PromptCache(self.config.prompt_cache_bytes)
         # One thread runs the models, so the event loop stays free to collect the next batch.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")

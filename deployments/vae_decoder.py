@@ -15,7 +15,9 @@ from ray import serve
 from deployments.config import AppConfig
 from deployments.denoiser import DenoisedLatents
 from deployments.metrics import StageMetrics
+from deployments.warmup import timed, warm_vae_decoder
 from fluxray.images import encode_image
+from fluxray.params import parse_size
 from fluxray.preview import fit_projection
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import group_by_size
@@ -44,6 +46,9 @@ class VAEDecoderDeployment:
         self.config = AppConfig.model_validate(config)
         source, device, dtype = stage_runtime(*self.config.runtime)
         self.decoder = VAEDecoder.load(source, device, dtype, self.config.speed)
+        width, height = parse_size(self.config.default_size)
+        if self.config.warm_up:
+            timed("VAEDecoder", lambda: warm_vae_decoder(self.decoder, source.spec, height, width))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.decode_batch.set_max_batch_size(self.config.vae_max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(self.config.vae_batch_wait_s)

@@ -12,7 +12,9 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
+from deployments.warmup import timed, warm_vae_encoder
 from fluxray.editing import EditInputs, EncodedEdit
+from fluxray.params import parse_size
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import group_by_size
 from fluxray.vae import VAEEncoder
@@ -24,6 +26,9 @@ class VAEEncoderDeployment:
         self.config = AppConfig.model_validate(config)
         source, device, dtype = stage_runtime(*self.config.runtime)
         self.encoder = VAEEncoder.load(source, device, dtype, self.config.speed)
+        width, height = parse_size(self.config.default_size)
+        if self.config.warm_up:
+            timed("VAEEncoder", lambda: warm_vae_encoder(self.encoder, height, width))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-image")
         self.encode_batch.set_max_batch_size(self.config.vae_max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(self.config.vae_batch_wait_s)

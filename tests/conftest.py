@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 
 from fluxray.pipeline import Pipeline
 from fluxray.sources import TINY_MODEL_DIR
+
+# Property tests draw the same examples every run (a failure reproduces) and keep no database in the tree.
+settings.register_profile("fluxray", derandomize=True, database=None, deadline=None)
+settings.load_profile("fluxray")
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,7 @@ class Cluster:
             "max_pending_requests": 5,
             "retry_after_s": 7,
             "job_ttl_s": 3,
+            "max_queued_jobs": 2,  # tests/deployments/test_async_errors.py fills it
         }
         tight["args"].pop("object_store")
         # One model in the other applications (the main one serves the edit variants beside tiny), and

@@ -42,7 +42,8 @@ def _wanted(marker: str, extras: set[str]) -> bool:
 def runtime_closure() -> set[str]:
     """The distributions `pip install .` installs (the project's runtime requirements, transitively)."""
     seen: set[str] = set()
-    todo = [("fluxray", {_norm(e) for e in (metadata.metadata("fluxray").get_all("Provides-Extra") or [])} - NOT_RUNTIME)]
+    extras = {_norm(e) for e in (metadata.metadata("fluxray").get_all("Provides-Extra") or [])} - NOT_RUNTIME
+    todo = [("fluxray", extras)]
     while todo:
         name, extras = todo.pop()
         if name in seen:

@@ -64,7 +64,7 @@ def test_a_job_answers_202_then_streams_its_steps_and_ends_with_the_synchronous_
     assert set(names[:first_started]) == {"queued"} and names[-1] == "succeeded", names
     progress = [e["data"] for e in stream if e["event"] == "progress"]
     assert [p["step"] for p in progress] == [1, 2, 3, 4, 5, 6] and all(p["steps"] == 6 for p in progress)
-    assert [p["eta_s"] >= 0 for p in progress] and progress[-1]["eta_s"] <= progress[0]["eta_s"]
+    assert all(p["eta_s"] >= 0 for p in progress) and progress[-1]["eta_s"] <= progress[0]["eta_s"]
     # Previews every 4 steps (the default) and at the last: 64x64 images preview at 8x8, from the latents.
     previews = {p["step"]: p["preview"] for p in progress if "preview" in p}
     assert sorted(previews) == [4, 6]
