@@ -103,6 +103,9 @@ class ShippedService:
                 pytest.fail(f"`make serve` exited ({code}) before it served:\n{_tail(self.log)}", False)
             if _healthz() == 200:
                 self.ready_s = time.monotonic() - started
+                _timings.append(
+                    f"shipped service: make install {self.install_s:.0f} s, make serve healthy in {self.ready_s:.0f} s"
+                )
                 return
             time.sleep(1)
         self.stop()
@@ -185,6 +188,14 @@ def pytest_runtest_teardown(item, nextitem):
 def pytest_sessionfinish(session, exitstatus):
     if _service is not None:
         _service.stop()
+
+
+_timings: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _timings:
+        terminalreporter.write_line(line)
 
 
 # --- the docs' blocks ------------------------------------------------------------------------------
