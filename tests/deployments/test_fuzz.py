@@ -12,6 +12,8 @@ not run on pytest 9.2.)
 
 from __future__ import annotations
 
+import base64
+import io
 from collections import Counter
 
 import httpx
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from local_cluster import GUARDED_AUTH
+from PIL import Image
 from schemathesis import GenerationMode
 
 FUZZ = settings(
@@ -87,6 +90,8 @@ def test_without_a_key_everything_but_healthz_is_401(cluster, operations):
     assert seen[("/healthz", 200)] >= 1 and seen[("/v1/images/generations", 401)] >= 5, dict(seen)
 
 
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
 # Valid requests rarely come out of the schema alone (the pixel budget, the served model name, sizes
 # in multiples of 16), so this property generates them directly: any text, any valid combination.
 SIDES = st.sampled_from([64, 80, 128, 144, 192, 256])
@@ -120,6 +125,11 @@ def test_any_valid_request_generates_its_images(cluster, body):
     assert len(data) == body.get("n", 1)
     if "seed" in body:
         assert [d["seed"] for d in data] == [body["seed"] + i for i in range(len(data))]
+    # Each entry is an image of the asked size, in the asked format, not just some bytes.
+    for entry in data:
+        with Image.open(io.BytesIO(base64.b64decode(entry["b64_json"]))) as image:
+            assert image.size == (width, height), (body, image.size)
+            assert image.format == FORMATS[body.get("output_format", "png")], (body, image.format)
 
 
 def test_the_service_is_healthy_after_fuzzing(cluster):

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import secrets
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -137,13 +138,23 @@ def test_retries_are_bounded_and_redirects_are_not_followed():
     assert results == ["failed", "failed", "failed"]
 
 
-def test_a_refused_target_is_never_called_even_when_it_resolves_there_later():
+def test_a_refused_target_is_never_called_even_when_it_resolves_there_later(monkeypatch):
     receiver = Receiver()
     results = []
-    sender_policy = policy("hooks.example.com")
-    sender_policy._resolve = lambda host: ["127.0.0.1"]  # resolves to loopback by delivery time
+    port = receiver.server.server_address[1]
+    real = socket.getaddrinfo
+
+    def rebound(host, *args, **kwargs):  # the allowed name now resolves to loopback, for everyone
+        name = host.decode() if isinstance(host, bytes) else host  # anyio passes the name IDNA-encoded
+        return real("127.0.0.1" if name == "hooks.example.com" else host, *args, **kwargs)
+
+    # For the policy's check and for the HTTP client alike: without the delivery-time check, the POST
+    # would reach the receiver (the control below shows it does).
+    monkeypatch.setattr(socket, "getaddrinfo", rebound)
     try:
-        deliver(WebhookSender(sender_policy, results.append), "http://hooks.example.com/hook")
+        deliver(WebhookSender(policy("hooks.example.com"), results.append), f"http://hooks.example.com:{port}/hook")
+        control = policy("hooks.example.com", "127.0.0.1")  # loopback listed: the same URL is called
+        deliver(WebhookSender(control, results.append), f"http://hooks.example.com:{port}/hook")
     finally:
         receiver.close()
-    assert receiver.received == [] and results == ["failed"]
+    assert results == ["failed", "delivered"] and len(receiver.received) == 1
