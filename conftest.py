@@ -19,6 +19,7 @@ run makes a fresh one, as a new user's clone does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,26 +116,18 @@ class ShippedService:
         """Ctrl-C, as a user stops it (serve run tears the app and its local Ray down), then SIGKILL."""
         if self.process is None:
             return
-        with _suppressed():
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(self.process.pid, signal.SIGINT)
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
-            with _suppressed():
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
         self.process = None
         deadline = time.monotonic() + 30
         while _healthz() is not None and time.monotonic() < deadline:
             time.sleep(0.5)
-
-
-class _suppressed:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, trace):
-        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
 
 
 def _healthz() -> int | None:

@@ -102,9 +102,9 @@ class DenoiserDeployment:
             slots = LoraSlots(config.max_loras_per_request, config.max_lora_rank, config.max_resident_loras)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed, slots)
         self.lora_bank = getattr(self.transformer, "fluxray_loras", None)
-        width, height = parse_size(self.config.default_size)
-        spec = self.source.spec
         if self.config.warm_up:
+            width, height = parse_size(self.config.default_size)
+            spec = self.source.spec
             timed("Denoiser", lambda: warm_denoiser(self.transformer, spec, height, width, self.device, self.dtype))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.lora_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")

@@ -12,6 +12,7 @@ import urllib.request
 from PIL import Image
 
 SHIPPED = ("fluxray", "deployments", "jobs")
+URL = "http://127.0.0.1:8000"  # local.yaml's, where the README says the service is
 
 
 def _post(url: str, body: dict, timeout: float = 120):
@@ -50,23 +51,19 @@ def test_the_runtime_venv_has_no_test_extras_and_imports_every_shipped_module(sh
 
 
 def test_the_service_serves_the_default_model(shipped_service):
-    with urllib.request.urlopen(f"{shipped_service_url()}/healthz", timeout=10) as response:
+    with urllib.request.urlopen(f"{URL}/healthz", timeout=10) as response:
         assert response.status == 200
         assert json.loads(response.read())["model"] == "tiny"
-    with urllib.request.urlopen(f"{shipped_service_url()}/v1/models", timeout=10) as response:
+    with urllib.request.urlopen(f"{URL}/v1/models", timeout=10) as response:
         models = {m["id"] for m in json.loads(response.read())["data"]}
     assert models == {"tiny", "tiny-kontext", "tiny-fill"}
 
 
 def test_a_generation_right_after_ready(shipped_service):
     body = {"prompt": "a red circle on the left, white background", "size": "256x256", "seed": 7}
-    status, headers, png, _ = _post(f"{shipped_service_url()}/generate", body)
+    status, headers, png, _ = _post(f"{URL}/generate", body)
     assert status == 200 and headers["X-Seed"] == "7"
     image = Image.open(io.BytesIO(png))
     assert image.size == (256, 256)
     # The same seed gives the same image (the service's determinism, through the whole graph).
-    assert _post(f"{shipped_service_url()}/generate", body)[2] == png
-
-
-def shipped_service_url() -> str:
-    return "http://127.0.0.1:8000"
+    assert _post(f"{URL}/generate", body)[2] == png
