@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-test install-redis install-browser run serve generate test lint format bench bench-serve bench-failover bench-quality tiny-model crds clean
+.PHONY: install install-test install-redis install-browser run serve generate test test-fast lint format bench bench-serve bench-failover bench-quality tiny-model crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test: install-test install-redis install-browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+## The working loop's subset (<= 6 min on 2 cores): every in-process test and one live check, the run
+## command's (tests/as_shipped/); `make test` runs everything.
+test-fast: install-test install-redis install-browser
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -m "not live or smoke"
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -34,16 +34,24 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
 from serve_load import PROMPTS, percentile, start_service  # noqa: E402
 
+from cluster.ray_head import MARKER  # noqa: E402
 from fluxray.params import parse_size  # noqa: E402
 
 
-def replica_memory(app: str) -> dict[str, dict]:
-    """pid and RSS (MiB) of each local Serve replica process of `app`, by its process title."""
+def replica_memory(app: str, cluster_marker: str | None = None) -> dict[str, dict]:
+    """pid and RSS (MiB) of each local Serve replica process of `app`, by its process title; with
+    `cluster_marker`, only the processes of that RayHead (cluster/ray_head.py), not another Ray's."""
     out = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
         marker = f"ServeReplica:{app}:"
         if marker in title:
+            if cluster_marker is not None:
+                try:
+                    if proc.environ().get(MARKER) != cluster_marker:
+                        continue
+                except psutil.Error:
+                    continue
             name = title.split(marker, 1)[1].split()[0]
             try:
                 out[f"{name}#{proc.info['pid']}"] = {
@@ -154,9 +162,10 @@ def main() -> None:
     cluster, url = (None, args.url) if args.url else start_service(Path(args.config), max_pending_requests=None)
     try:
         drive(url, 4, 5, args.size, args.steps)  # warm-up
-        before = replica_memory(args.app)
+        mine = cluster.marker if cluster is not None else None
+        before = replica_memory(args.app, mine)
         result = drive(url, args.clients, args.seconds, args.size, args.steps)
-        after = replica_memory(args.app)
+        after = replica_memory(args.app, mine)
         healthy = httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
         if cluster is not None:

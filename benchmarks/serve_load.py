@@ -22,28 +22,23 @@ by killing only the processes it started: a cluster someone else runs on the mac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import re
-import secrets
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
 
+from cluster.ray_head import RayHead, free_port, wait_until  # noqa: E402, F401 - free_port: benchmarks import it
 from fluxray.params import parse_size  # noqa: E402
 
 PROMPTS = ["a lighthouse at dusk", "a red fox in the snow", "a bowl of fruit", "an owl in the rain"]
@@ -54,102 +49,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MARKER = "FLUXRAY_BENCH_CLUSTER"  # in the environment of every process the benchmark's Ray starts
-BIN = Path(sys.executable).parent
-
-
-class BenchCluster:
-    """A Ray head of the benchmark's own on free ports; Serve configs are deployed on it in turn."""
+class BenchCluster(RayHead):
+    """A Ray head of the benchmark's own (cluster/ray_head.py) on free ports, its metrics exported every
+    2 s (each level's show up within seconds); Serve configs are deployed on it in turn."""
 
     def __init__(self):
-        self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.marker = secrets.token_hex(8)
-        self.env = {
-            **os.environ,
-            MARKER: self.marker,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_metrics_report_interval_ms": "2000",  # each level's metrics show up within seconds
-            "PYTHONPATH": str(ROOT),  # benchmarks.naive_app imports from the repository root
-        }
-        self.env.pop("RAY_ADDRESS", None)
-
-    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / args[0]), *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-        )
-
-    def start(self) -> BenchCluster:
-        started = self.run(
-            "ray",
-            "start",
-            "--head",
-            f"--port={self.gcs_port}",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--metrics-export-port={self.metrics_port}",
-            "--disable-usage-stats",
-            "--include-dashboard=true",
-        )
-        if started.returncode != 0:
-            self.stop()
-            raise SystemExit(f"ray start failed: {started.stderr[-2000:]}")
-        return self
+        super().__init__(metrics_report_ms=2000)
 
     def deploy(self, config: dict, timeout: float = 300) -> str:
-        """`serve deploy` the config (replacing what runs) and wait for its first application's
-        /healthz; that application's URL (its route prefix included)."""
-        path = Path(tempfile.mkdtemp()) / "serve.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        deployed = self.run("serve", "deploy", str(path), "--address", self.dashboard)
-        if deployed.returncode != 0:
-            raise SystemExit(f"serve deploy failed: {deployed.stderr[-2000:]}")
+        """Deploy the config (replacing what runs), wait until it is RUNNING and its first application
+        answers /healthz; that application's URL (its route prefix included)."""
+        try:
+            super().deploy(config, timeout)
+        except (RuntimeError, TimeoutError) as error:
+            raise SystemExit(f"serve deploy: {error}") from None
         prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
         url = f"http://127.0.0.1:{config['http_options']['port']}{prefix}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    return url
-            time.sleep(1)
-        raise SystemExit(f"{config['applications'][0]['name']} did not come up within {timeout:.0f} s")
+        try:
+            wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, timeout, "/healthz")
+        except TimeoutError:
+            raise SystemExit(f"{config['applications'][0]['name']} did not come up within {timeout:.0f} s") from None
+        return url
 
-    def own_processes(self) -> list[psutil.Process]:
-        own = []
-        for process in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if process.environ().get(MARKER) == self.marker:
-                    own.append(process)
-        return own
-
-    def stop(self) -> None:
-        """Stop this cluster's processes only (`ray stop` would stop every Ray instance of the user)."""
-        for _ in range(5):
-            processes = self.own_processes()
-            if not processes:
-                break
-            for process in processes:
-                with contextlib.suppress(psutil.Error):
-                    process.terminate()
-            _, alive = psutil.wait_procs(processes, timeout=10)
-            for process in alive:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
-            psutil.wait_procs(alive, timeout=10)
-        # `ray start` recorded this head as the machine's current cluster; a later bare ray.init()
-        # would try to join it.
-        current = Path("/tmp/ray/ray_current_cluster")
-        with contextlib.suppress(OSError):
-            if current.read_text().strip().endswith(f":{self.gcs_port}"):
-                current.unlink()
+    def start(self) -> BenchCluster:
+        try:
+            return super().start()
+        except RuntimeError as error:
+            raise SystemExit(str(error)) from None
 
 
 def fluxray_config(config: Path, max_pending_requests: int | None = 256) -> dict:

@@ -3,7 +3,7 @@ environment (its token), its dashboard's REST API, and the processes of its node
 
 Used by the tests (tests/cluster/) and by benchmarks/failover.py; nothing here starts Ray itself.
 
-    sys.path.insert(0, "cluster"); from scripted_cluster import LocalCluster
+    from cluster.scripted_cluster import LocalCluster  # from the repository root
     cluster = LocalCluster(Path("/tmp/my-cluster"))
     cluster.script("start", "--workers", "1", "--gcs-redis")
 """

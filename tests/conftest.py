@@ -30,11 +30,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_loras(tmp_path_factory):
     """The tiny model's LoRAs in every layout the tests use (scripts/make_tiny_loras.py --formats)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from make_tiny_loras import make_tiny_loras
+    from scripts.make_tiny_loras import make_tiny_loras
 
     folder = tmp_path_factory.mktemp("loras")
     make_tiny_loras(folder, formats=True)
@@ -53,6 +49,22 @@ def diffusers_pipe():
     pipe = FluxPipeline.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Tests that run a Ray cluster, a Serve application or the shipped service: what `make test-fast` leaves
+# out, but for the `smoke` ones (the run command's own checks, tests/as_shipped/).
+LIVE_FIXTURES = {"ray_cluster", "cluster", "shipped_service", "service", "ft_cluster"}
+LIVE_MODULES = {"test_local_cluster_stop.py"}  # starts a cluster of its own, without a fixture
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = getattr(item, "path", None)
+        if path is not None and "as_shipped" in path.parts:
+            item.add_marker(pytest.mark.smoke)
+        in_module = path is not None and (path.name in LIVE_MODULES or path.parent.name == "cluster")
+        if in_module or LIVE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.live)
 
 
 _THREADS_AT_START = torch.get_num_threads()

@@ -1,28 +1,27 @@
 """A real local Ray cluster and a real S3 API server (moto) on loopback, for the tests.
 
-`ray start --head` once per test session; the Serve graph is deployed on it with `serve deploy`
-from the shipped local config when a test first needs it; the offline job joins it through
-RAY_ADDRESS. Both reach the S3 server over HTTP with boto3.
+A RayHead (cluster/ray_head.py) started once per test session; the Serve applications (the shipped local
+config and two variants) are deployed on it through the dashboard's REST API when a test first needs
+them and deleted after the last one; the offline job joins it through RAY_ADDRESS. Both reach the S3
+server over HTTP with boto3.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
-import json
-import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 import httpx
-import psutil
 import yaml
+
+from cluster.ray_head import RayHead, free_port, wait_until
+
+__all__ = ["Cluster", "free_port", "wait_until"]  # the tests import the two helpers from here
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = ROOT / "deployments" / "configs" / "local.yaml"
@@ -32,69 +31,35 @@ GUARDED_AUTH = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}  # a client of the
 GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
 JOB_STORE_PASSWORD = secrets.token_hex(16)  # the "shared" app's Redis (tests/deployments/test_jobs_shared.py)
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-CLUSTER_MARKER = "FLUXRAY_TEST_CLUSTER"  # in the environment of every process a test cluster starts
+SERVE_APPS = ("fluxray", "tight", "guarded")  # what deploy_serve runs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Cluster(RayHead):
+    """The session's head (8 logical CPUs), an S3 server beside it, and the Serve applications the
+    deployment tests share."""
 
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-            if result:
-                return result
-        except Exception as error:  # noqa: BLE001 - retried until the deadline
-            last = error
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f}s (last error: {last!r})")
-
-
-class Cluster:
     def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        super().__init__(tmp, num_cpus=8, metrics_report_ms=2000)  # metrics show up in seconds, not 10
         self.http_port, self.s3_port = free_port(), free_port()
-        self.metrics_port = free_port()
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.tight_url = f"{self.url}/tight"
         self.guarded_url = f"{self.url}/guarded"
         self.s3_endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.bucket = "fluxray-images"
-        self.marker = secrets.token_hex(8)
-        self.env = {
-            CLUSTER_MARKER: self.marker,
-            **os.environ,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # The guarded application's keys: in every process' environment, as a Secret puts them in
-            # a pod's; never in a serve config or runtime_env, which Ray logs.
-            "FLUXRAY_GUARDED_KEYS": ",".join(GUARDED_KEYS),
-            "FLUXRAY_JOB_STORE_PASSWORD": JOB_STORE_PASSWORD,
-            "FLUXRAY_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "PYTHONPATH": str(ROOT),
-            # `ray job submit -- python ...` runs whatever `python` is on PATH: make it this venv's,
-            # as it is on a cluster node (CI runs the tests without activating the venv).
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        self.env.update(
+            {
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                # The guarded application's keys: in every process' environment, as a Secret puts them
+                # in a pod's; never in a serve config or runtime_env, which Ray logs.
+                "FLUXRAY_GUARDED_KEYS": ",".join(GUARDED_KEYS),
+                "FLUXRAY_JOB_STORE_PASSWORD": JOB_STORE_PASSWORD,
+                "FLUXRAY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            }
+        )
         self.s3_process: subprocess.Popen | None = None
         self.serving = False
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / args[0]), *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT
-        )
 
     def config(self) -> dict:
         config = yaml.safe_load(LOCAL_CONFIG.read_text())
@@ -182,8 +147,7 @@ class Cluster:
         """The main application's LoRA directory: the tiny LoRAs (scripts/make_tiny_loras.py), made once."""
         folder = self.tmp / "loras"
         if not folder.exists():
-            sys.path.insert(0, str(ROOT / "scripts"))
-            from make_tiny_loras import make_tiny_loras
+            from scripts.make_tiny_loras import make_tiny_loras
 
             make_tiny_loras(folder)
             # A LoRA whose keys fit no module of the tiny transformer: requests naming it get a 422.
@@ -195,21 +159,7 @@ class Cluster:
             )
         return folder
 
-    def deploy(self, config: dict) -> None:
-        """`serve deploy` a whole config (its applications replace the running set) and wait until each is RUNNING."""
-        path = self.tmp / f"serve-{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        deployed = self.run("serve", "deploy", str(path), "--address", self.dashboard)
-        assert deployed.returncode == 0, deployed.stderr[-2000:]
-        names = {app["name"] for app in config["applications"]}
-
-        def running() -> bool:
-            apps = self.status().get("applications", {})
-            return set(apps) == names and all(a["status"] == "RUNNING" for a in apps.values())
-
-        wait_until(running, 300, "serve applications", 2)
-
-    def start(self) -> None:
+    def start(self) -> Cluster:
         """The S3 server and the Ray head (no applications yet)."""
         self.s3_process = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
@@ -219,39 +169,23 @@ class Cluster:
         )
         wait_until(lambda: httpx.get(self.s3_endpoint, timeout=2).status_code < 500, 60, "S3 server", 0.5)
         self.s3().create_bucket(Bucket=self.bucket)
-        started = self.run(
-            "ray",
-            "start",
-            "--head",
-            f"--port={self.gcs_port}",
-            f"--dashboard-port={self.dashboard_port}",
-            "--num-cpus=8",
-            f"--metrics-export-port={self.metrics_port}",
-            "--disable-usage-stats",
-            "--include-dashboard=true",
-        )
-        assert started.returncode == 0, started.stderr[-2000:]
-        self.env["RAY_ADDRESS"] = f"127.0.0.1:{self.gcs_port}"
+        return super().start()
 
     def deploy_serve(self) -> None:
-        """`serve deploy` the local config (plus the tight app); once per session."""
+        """Deploy the local config (plus the tight and guarded apps) if it is not running."""
         if self.serving:
             return
-        config_path = self.tmp / "serve.yaml"
-        config_path.write_text(yaml.safe_dump(self.config()))
-        deployed = self.run("serve", "deploy", str(config_path), "--address", self.dashboard)
-        assert deployed.returncode == 0, deployed.stderr[-2000:]
-        wait_until(self.all_running, 300, "serve applications", 2)
+        self.deploy(self.config())
         self.serving = True
 
-    def status(self) -> dict:
-        result = self.run("serve", "status", "--address", self.dashboard)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return yaml.safe_load(result.stdout)
+    def shutdown_serve(self) -> None:
+        """Delete the applications (after the last test that needs them: their replicas would hold the
+        CPUs and memory the later tests need)."""
+        super().shutdown_serve()
+        self.serving = False
 
-    def all_running(self) -> bool:
-        apps = self.status().get("applications", {})
-        return len(apps) == 3 and all(a["status"] == "RUNNING" for a in apps.values())
+    def status(self) -> dict:
+        return self.serve_status()
 
     def s3(self):
         return boto3.client(
@@ -262,36 +196,9 @@ class Cluster:
             aws_secret_access_key="testing",
         )
 
-    def driver(self, code: str):
-        """Run code in a separate Ray driver connected to the cluster; the JSON it prints last."""
-        prelude = (
-            "import json, ray\nfrom ray import serve\n"
-            f"ray.init(address='127.0.0.1:{self.gcs_port}', logging_level='ERROR', log_to_driver=False)\n"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", prelude + code], env=self.env, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    def handle_call(self, app: str, deployment: str, method: str) -> dict:
-        """Call a deployment method through a real DeploymentHandle, from a separate driver."""
-        return self.driver(
-            f"h = serve.get_deployment_handle({deployment!r}, app_name={app!r})\n"
-            f"print(json.dumps(getattr(h, {method!r}).remote().result()))\n"
-        )
-
     def session_dir(self) -> str:
         """This cluster's session directory (its logs), as its GCS tells a driver."""
         return self.driver("print(json.dumps(ray._private.worker._global_node.get_session_dir_path()))\n")
-
-    def live_actors(self) -> list[dict]:
-        """Every live actor of the cluster: its class name, actor name and worker pid."""
-        return self.driver(
-            "from ray.util.state import list_actors\n"
-            "alive = list_actors(filters=[('state', '=', 'ALIVE')], limit=10000, detail=True)\n"
-            "print(json.dumps([{'class': a.class_name, 'name': a.name, 'pid': a.pid} for a in alive]))\n"
-        )
 
     def replica_actors(self, app: str, deployment: str) -> list[str]:
         """Names of the live replica actors of a deployment."""
@@ -318,40 +225,9 @@ class Cluster:
             "    raise SystemExit(f'none of {names} was busy')\n"
         )
 
-    def own_processes(self) -> list[psutil.Process]:
-        """Every process this cluster started (Ray's daemons, workers, job drivers): each inherits
-        the marker from the environment `ray start` ran with."""
-        own = []
-        for process in psutil.process_iter():
-            try:
-                if process.environ().get(CLUSTER_MARKER) == self.marker:
-                    own.append(process)
-            except psutil.Error:
-                continue
-        return own
-
     def stop(self) -> None:
-        """Stops this cluster's processes only: `ray stop` would kill every Ray process of the user,
-        a cluster they run beside the tests included. Repeated while any is left: a raylet that is
-        being stopped can still start a worker."""
-        for _ in range(5):
-            processes = self.own_processes()
-            if not processes:
-                break
-            for process in processes:
-                with contextlib.suppress(psutil.Error):
-                    process.terminate()
-            _, alive = psutil.wait_procs(processes, timeout=10)
-            for process in alive:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
-            psutil.wait_procs(alive, timeout=10)
-        # `ray start` recorded this head as the machine's current cluster, which a later bare
-        # ray.init() would try to join; `ray stop` removes the record, so must this.
-        current = Path("/tmp/ray/ray_current_cluster")
-        with contextlib.suppress(OSError):
-            if current.read_text().strip().endswith(f":{self.gcs_port}"):
-                current.unlink()
+        super().stop()
         if self.s3_process:
             self.s3_process.terminate()
             self.s3_process.wait(timeout=30)
+        self.remove_files()

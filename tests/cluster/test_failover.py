@@ -7,14 +7,9 @@ for its seed. The scenarios are benchmarks/failover.py's, shorter; that script w
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from failover import (  # noqa: E402 - benchmarks/ is not a package
+from benchmarks.failover import (
     Service,
     differing_images,
     downscale,

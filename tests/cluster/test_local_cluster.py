@@ -12,7 +12,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import yaml
 from local_cluster import free_port, wait_until
 from PIL import Image
 
+from cluster.scripted_cluster import LocalCluster, alive
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "cluster"))
-from scripted_cluster import LocalCluster, alive  # noqa: E402 - cluster/ is not a package
 
 TINY = ROOT / "k8s" / "cpu-tiny"
 

@@ -132,7 +132,10 @@ def test_any_valid_request_generates_its_images(cluster, body):
             assert image.format == FORMATS[body.get("output_format", "png")], (body, image.format)
 
 
-def test_the_service_is_healthy_after_fuzzing(cluster):
+def test_the_service_is_healthy_after_fuzzing(cluster, operations):
+    # A short fuzzing run first, so that the check means the same when this test runs alone.
+    _, failures = fuzz(cluster, operations, GenerationMode.NEGATIVE, GUARDED_AUTH, 10)
+    assert failures == [], failures[:10]
     assert httpx.get(f"{cluster.guarded_url}/healthz").status_code == 200
     status = cluster.status()["applications"]["guarded"]
     assert status["status"] == "RUNNING"

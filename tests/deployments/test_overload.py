@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 from local_cluster import wait_until
@@ -78,14 +76,13 @@ def test_serve_status_shows_each_stage_as_its_own_deployment(cluster):
 
 def test_sustained_overload_answers_200_or_retry_later_and_stays_bounded(cluster):
     """Several times what the service admits, for a fixed time (benchmarks/overload.py's driver)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from overload import drive, replica_memory
+    from benchmarks.overload import drive, replica_memory
 
     drive(cluster.url, 4, 3)  # warm
-    before = replica_memory("fluxray")
+    before = replica_memory("fluxray", cluster.marker)  # this cluster's replicas, not another Ray's
     # local.yaml admits 32 generations per ingress at once (max_pending_requests): 3x that.
     result = drive(cluster.url, clients=96, seconds=20, size="128x128", steps=4)
-    after = replica_memory("fluxray")
+    after = replica_memory("fluxray", cluster.marker)
     print(result, before, after)
     assert result["problems"] == [], result["problems"]
     assert set(result["codes"]) <= {"200", "429", "503"}, result["codes"]

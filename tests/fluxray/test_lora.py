@@ -4,9 +4,6 @@ adapters sharing one transformer call give each row its own image."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,9 +12,7 @@ from image_checks import diffusers_image, max_pixel_diff
 from fluxray.lora import LoraChoice, LoraError, attach_loras, read_lora
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from make_tiny_loras import TARGETS, make_lora  # noqa: E402
+from scripts.make_tiny_loras import TARGETS, make_lora
 
 PROMPT = "a red circle on the left, blue background"
 

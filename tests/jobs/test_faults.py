@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
+from local_cluster import wait_until
 from s3_fault_proxy import FaultProxy
 from test_generate_job import FAST, ROOT, SLOW, job, keys, prompt_rows, summary
 
@@ -106,8 +108,16 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
         while len(keys(s3, bucket, f"{prefix}metadata/")) < 10 and time.monotonic() < deadline:
             assert process.poll() is None, "the job ended before a worker could be killed"
             time.sleep(0.2)
-        os.kill(victims[0]["pid"], signal.SIGKILL)  # the worker process dies, as on a node failure
+        victim = psutil.Process(victims[0]["pid"])
+        title = " ".join(victim.cmdline())  # a live Ray worker running the stage: "ray::MapWorker(...DenoiseStage)"
+        assert victim.is_running() and title.startswith("ray::") and stage in title, title
+        os.kill(victim.pid, signal.SIGKILL)  # the worker process dies, as on a node failure
         done_at_kill = len(keys(s3, bucket, f"{prefix}metadata/"))
+        wait_until(
+            lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE, 30, "the killed worker to die"
+        )
+        # Ray saw it die: no live actor of the stage runs in that process any more.
+        assert all(a["pid"] != victim.pid for a in stage_actors(ray_cluster, stage))
         stdout, stderr = process.communicate(timeout=600)
     finally:
         if process.poll() is None:
