@@ -252,6 +252,8 @@ class Service:
         prelude = (
             "import json, sys, ray\nfrom ray import serve\n"
             f"ray.init(address={self.cluster.state()['RAY_ADDRESS']!r}, logging_level='ERROR', log_to_driver=False)\n"
+            # The state API finds its cluster by itself unless told, and refuses when another Ray runs here.
+            f"DASHBOARD = {self.cluster.state()['RAY_DASHBOARD']!r}\n"
         )
         done = self.cluster.run("python", "-c", prelude + code, timeout=120)
         if done.returncode != 0:
@@ -269,7 +271,7 @@ class Service:
         code = f"""
 import time
 from ray.util.state import list_actors
-names = sorted(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+names = sorted(a.name for a in list_actors(address=DASHBOARD, filters=[("state", "=", "ALIVE")], limit=10000)
                if (a.name or "").startswith("SERVE_REPLICA::{APP}#Denoiser#"))
 replicas = [ray.get_actor(name, namespace="serve") for name in names]
 deadline = time.monotonic() + {within_s}

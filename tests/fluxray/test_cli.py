@@ -1,4 +1,5 @@
-"""The fluxray command, run as a user runs it: a real process, real files, exit codes."""
+"""The fluxray command as a user runs it: real files, exit codes, one line per mistake (through `main(argv)`, and
+in real processes where the process itself is what is checked)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,26 @@ from fluxray.sources import TINY_MODEL_DIR
 
 
 def fluxray(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m fluxray ...` in a real process."""
     return subprocess.run(
         [sys.executable, "-m", "fluxray", *args], capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 
-def test_generate_writes_images_with_seed_suffixes(tmp_path):
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same command through `main(argv)` in this process (what `python -m fluxray` calls), without a
+    process' ~5 s of imports: its exit code and what it printed. test_mistakes_in_a_real_process and the
+    docs' CLI examples (docs/cli.md) run real processes."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["fluxray", *args], code, out, err)
+
+
+def test_generate_writes_images_with_seed_suffixes(tmp_path, capsys):
     out = tmp_path / "sub" / "cat.png"
-    result = fluxray(
+    result = in_process(
+        capsys,
         "generate",
         "--prompt",
         "a cat",
@@ -49,7 +62,8 @@ def test_generate_writes_images_with_seed_suffixes(tmp_path):
     assert read_metadata(first)["seed"] == 9
     assert Image.open(out.parent / "cat-1.png").size == (96, 64)
     # The same command again makes the same bytes.
-    again = fluxray(
+    again = in_process(
+        capsys,
         "generate",
         "--prompt",
         "a cat",
@@ -70,9 +84,10 @@ def test_generate_writes_images_with_seed_suffixes(tmp_path):
     assert again.returncode == 0 and (tmp_path / "again-0.png").read_bytes() == first
 
 
-def test_generate_jpeg_with_true_cfg_and_progress(tmp_path):
+def test_generate_jpeg_with_true_cfg_and_progress(tmp_path, capsys):
     out = tmp_path / "x.jpg"
-    result = fluxray(
+    result = in_process(
+        capsys,
         "generate",
         "--prompt",
         "a cat",
@@ -134,15 +149,15 @@ def test_mistakes_in_a_real_process(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_models_and_model_path():
-    models = fluxray("models")
+def test_models_and_model_path(capsys):
+    models = in_process(capsys, "models")
     assert models.returncode == 0
     names = [line.split()[0] for line in models.stdout.splitlines()]
     assert names == ["flux-dev", "flux-schnell", "tiny", "flux-fill", "flux-kontext", "tiny-fill", "tiny-kontext"]
     assert "black-forest-labs/FLUX.1-dev" in models.stdout and "black-forest-labs/FLUX.1-Fill-dev" in models.stdout
-    path = fluxray("model-path", "tiny")
+    path = in_process(capsys, "model-path", "tiny")
     assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR)
-    path = fluxray("model-path", "tiny-kontext")
+    path = in_process(capsys, "model-path", "tiny-kontext")
     assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR.parent / "tiny_kontext")
 
 

@@ -260,12 +260,15 @@ def test_ray_job_submit_runs_the_example(ray_cluster):
     s3 = ray_cluster.s3()
     metadata = keys(s3, ray_cluster.bucket, "runs/submitted/metadata/")
     assert len(metadata) == 6
-    for key in metadata:  # each record's image is there, a 64x64 PNG with the record's sha256
+    sizes = []
+    for key in metadata:  # each record's image is there: a PNG of the record's size, with its sha256
         meta = json.loads(s3.get_object(Bucket=ray_cluster.bucket, Key=key)["Body"].read())
         image = s3.get_object(Bucket=ray_cluster.bucket, Key=f"runs/submitted/{meta['image']}")["Body"].read()
         assert hashlib.sha256(image).hexdigest() == meta["sha256"], key
         with Image.open(io.BytesIO(image)) as decoded:
-            assert (decoded.format, decoded.size) == ("PNG", (64, 64)), key
+            assert (decoded.format, decoded.size) == ("PNG", (meta["width"], meta["height"])), key
+            sizes.append(decoded.size)
+    assert (320, 192) in sizes and (64, 64) in sizes  # a row's own size, and the flags' for the rest
 
 
 def test_edit_rows_read_their_images_from_s3(ray_cluster, tiny_pipeline):
