@@ -27,4 +27,6 @@ def pytest_collection_modifyitems(items):
 @pytest.hookimpl(trylast=True)  # after the item's fixtures are finalized (a module's may still deploy)
 def pytest_runtest_teardown(item, nextitem):
     if _serving and _last_user and item is _last_user[0]:
-        _serving.pop().shutdown_serve()
+        cluster = _serving.pop()
+        if nextitem is not None:  # at the session's end the cluster itself has just been stopped
+            cluster.shutdown_serve()

@@ -163,7 +163,13 @@ def test_a_job_cancelled_while_it_runs_stops_stepping(cluster):
     before = denoiser_stats(cluster)
     cancelled = httpx.delete(f"{cluster.url}{JOBS}/{job['id']}", timeout=30)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
-    stats = wait_until(lambda: (s := denoiser_stats(cluster))["active"] == 0 and s, 30, "the denoiser to go idle")
+
+    def settled():  # idle, and the step that ran when the cancel came has ended (its count no longer moves)
+        first = denoiser_stats(cluster)
+        time.sleep(0.5)
+        return first["active"] == 0 and denoiser_stats(cluster)["steps"] == first["steps"] and first
+
+    stats = wait_until(settled, 30, "the denoiser to go idle", 0.2)
     assert stats["cancelled"] > before["cancelled"]
     time.sleep(1)
     # Its slot was freed: the step count stopped short of the 100 steps, and stays there.
