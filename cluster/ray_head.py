@@ -298,7 +298,7 @@ class RayHead:
 
     def stop(self) -> None:
         """Stops this cluster's processes only, repeated while any is left (a raylet being stopped can still
-        start a worker)."""
+        start a worker), then removes its temp dir."""
         if self._driver is not None:
             self._driver.close()
         for _ in range(5):
@@ -319,7 +319,4 @@ class RayHead:
             with contextlib.suppress(OSError):
                 if current.read_text().strip().endswith(f":{self.gcs_port}"):
                     current.unlink()
-
-    def remove_files(self) -> None:
-        """Ray's files of this cluster (its logs included), once it is stopped."""
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # Ray's files of this cluster, its logs included

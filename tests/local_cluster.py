@@ -31,7 +31,6 @@ GUARDED_AUTH = {"Authorization": f"Bearer {GUARDED_KEYS[0]}"}  # a client of the
 GUARDED_PIXEL_STEPS = 256 * 256 * 8  # one 256x256 image at 8 steps
 JOB_STORE_PASSWORD = secrets.token_hex(16)  # the "shared" app's Redis (tests/deployments/test_jobs_shared.py)
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-SERVE_APPS = ("fluxray", "tight", "guarded")  # what deploy_serve runs
 
 
 class Cluster(RayHead):
@@ -184,9 +183,6 @@ class Cluster(RayHead):
         super().shutdown_serve()
         self.serving = False
 
-    def status(self) -> dict:
-        return self.serve_status()
-
     def s3(self):
         return boto3.client(
             "s3",
@@ -230,4 +226,3 @@ class Cluster(RayHead):
         if self.s3_process:
             self.s3_process.terminate()
             self.s3_process.wait(timeout=30)
-        self.remove_files()

@@ -154,7 +154,7 @@ def test_fill_by_json_with_data_urls(cluster, engines):
 
 
 def test_one_text_encoder_and_one_vae_serve_every_model(cluster):
-    deployments = cluster.status()["applications"]["fluxray"]["deployments"]
+    deployments = cluster.serve_status()["applications"]["fluxray"]["deployments"]
     assert {"Denoiser", "Denoiser-tiny-kontext", "Denoiser-tiny-fill"} <= set(deployments)
     encoders = [name for name in deployments if name.startswith(("TextEncoder", "VAEEncoder", "VAEDecoder"))]
     assert sorted(encoders) == ["TextEncoder", "VAEDecoder", "VAEEncoder"]

@@ -137,6 +137,6 @@ def test_the_service_is_healthy_after_fuzzing(cluster, operations):
     _, failures = fuzz(cluster, operations, GenerationMode.NEGATIVE, GUARDED_AUTH, 10)
     assert failures == [], failures[:10]
     assert httpx.get(f"{cluster.guarded_url}/healthz").status_code == 200
-    status = cluster.status()["applications"]["guarded"]
+    status = cluster.serve_status()["applications"]["guarded"]
     assert status["status"] == "RUNNING"
     assert all(d["status"] == "HEALTHY" for d in status["deployments"].values())

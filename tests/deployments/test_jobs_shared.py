@@ -208,6 +208,7 @@ def test_a_job_whose_ingress_replica_died_is_failed_and_retryable(shared, cluste
     last = httpx.get(f"{url}{JOBS}/{job['id']}", timeout=10).json()
     assert last["status"] == "failed"  # and it stays so
     # Serve replaces the killed replica; the application serves jobs again.
-    wait_until(lambda: cluster.status()["applications"]["shared"]["status"] == "RUNNING", 120, "the shared app", 2)
+    shared_status = lambda: cluster.serve_status()["applications"]["shared"]["status"]  # noqa: E731
+    wait_until(lambda: shared_status() == "RUNNING", 120, "the shared app", 2)
     again = create(url, num_inference_steps=2, seed=26)
     assert again.status_code == 202, again.text

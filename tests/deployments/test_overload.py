@@ -67,7 +67,7 @@ def test_client_disconnect_frees_its_denoising(cluster):
 
 
 def test_serve_status_shows_each_stage_as_its_own_deployment(cluster):
-    status = cluster.status()
+    status = cluster.serve_status()
     deployments = status["applications"]["fluxray"]["deployments"]
     stages = {"Ingress", "TextEncoder", "Denoiser", "VAEDecoder", "VAEEncoder"}
     assert set(deployments) == stages | {"Denoiser-tiny-kontext", "Denoiser-tiny-fill"}

@@ -60,7 +60,7 @@ def test_killing_a_denoiser_replica_under_load_loses_no_request(cluster, tiny_pi
             seen_states = []
 
             def replaced():
-                status = cluster.status()["applications"]["guarded"]["deployments"]["Denoiser"]
+                status = cluster.serve_status()["applications"]["guarded"]["deployments"]["Denoiser"]
                 seen_states.append((status["status"], dict(status.get("replica_states", {}))))
                 now = cluster.replica_actors("guarded", "Denoiser")
                 return now if len(now) == 2 and killed not in now and status["status"] == "HEALTHY" else None

@@ -304,5 +304,5 @@ def test_service_is_healthy_after_the_hostile_input(cluster):
         httpx.post(cluster.url + GEN, content=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert httpx.get(cluster.url + "/healthz").status_code == 200
     assert image_of(httpx.post(cluster.url + GEN, json=SMALL, timeout=120)).size == (64, 64)
-    deployments = cluster.status()["applications"]["fluxray"]["deployments"]
+    deployments = cluster.serve_status()["applications"]["fluxray"]["deployments"]
     assert all(d["status"] == "HEALTHY" for d in deployments.values())
