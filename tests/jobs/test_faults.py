@@ -9,15 +9,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from job_runs import FAST, SLOW, job, job_process, keys, prompt_rows, put_rows, summary
 from local_cluster import wait_until
 from s3_fault_proxy import FaultProxy
-from test_generate_job import FAST, ROOT, SLOW, job, keys, prompt_rows, summary
 
 from jobs.stages import FAULTS_ENV
 
@@ -26,9 +25,7 @@ MID_JOB_KILL = [*SLOW, "--steps", "6"]
 
 
 def put_input(cluster, name: str, n: int) -> str:
-    body = "\n".join(json.dumps(r) for r in prompt_rows(n)) + "\n"
-    cluster.s3().put_object(Bucket=cluster.bucket, Key=f"inputs/{name}.jsonl", Body=body.encode())
-    return f"s3://{cluster.bucket}/inputs/{name}.jsonl"
+    return put_rows(cluster, f"inputs/{name}.jsonl", prompt_rows(n))
 
 
 def assert_exactly_once(cluster, prefix: str, n: int) -> None:
@@ -77,20 +74,9 @@ def test_a_stage_worker_killed_mid_job_and_the_job_still_completes_exactly_once(
     source = put_input(ray_cluster, "worker-kill", n)
     prefix = "runs/worker-kill/"
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
-    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jobs.generate",
-            "--input",
-            source,
-            "--output",
-            f"s3://{bucket}/{prefix}",
-            *MID_JOB_KILL,
-        ],
-        env=env,
-        cwd=ROOT,
+    process = job_process(
+        ray_cluster,
+        *("--input", source, "--output", f"s3://{bucket}/{prefix}", *MID_JOB_KILL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

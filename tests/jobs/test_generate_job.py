@@ -17,57 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from image_checks import max_pixel_diff
+from job_runs import FAST, ROOT, SLOW, job, job_process, keys, prompt_rows, put_rows, summary
 from PIL import Image
 
 from fluxray.params import GenerationParams
 from jobs.layout import parse_metadata_key
 
-ROOT = Path(__file__).resolve().parents[2]
-COUNT = 300
-FAST = ["--width", "64", "--height", "64", "--steps", "2", "--denoise-batch-size", "16", "--decode-batch-size", "16"]
-# Small batches: a job slow enough to be caught mid-way.
-SLOW = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
-
-
-def job(cluster, *args: str, timeout: float = 600, endpoint: str | None = None) -> subprocess.CompletedProcess:
-    """Run the job to its end against the cluster's S3 server (or `endpoint` in front of it)."""
-    env = {**cluster.env, "AWS_ENDPOINT_URL": endpoint or cluster.s3_endpoint}
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.generate", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def summary(stdout: str) -> dict:
-    """The job's last `written=... skipped=... invalid=... failed=...` line, as a dict."""
-    line = [x for x in stdout.splitlines() if x.startswith("written=")][-1]
-    return dict(part.split("=", 1) for part in line.split())
-
-
-def prompt_rows(n: int) -> list[dict]:
-    subjects = ["a red fox", "a lighthouse", "an owl", "a bowl of fruit", "a robot", "a forest house"]
-    rows = []
-    for i in range(n):
-        row = {"prompt": f"{subjects[i % len(subjects)]}, picture {i}"}
-        if i % 3 == 0:
-            row["seed"] = 10_000 + i
-        if i % 5 == 0:
-            row["id"] = f"row{i}"
-        if i % 7 == 0:
-            row["width"] = 96
-        rows.append(row)
-    return rows
-
-
-def keys(s3, bucket: str, prefix: str) -> dict[str, str]:
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out.update({o["Key"]: o["ETag"] for o in page.get("Contents", [])})
-    return out
+COUNT = 100  # rows of the shared input: each property below holds at any size, and 100 rows make many batches
 
 
 def metadata_of(s3, bucket: str, run: str, row_id: str) -> dict:
@@ -82,10 +38,7 @@ def metadata_of(s3, bucket: str, run: str, row_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def s3_input(ray_cluster):
-    s3 = ray_cluster.s3()
-    body = "\n".join(json.dumps(r) for r in prompt_rows(COUNT)) + "\n"
-    s3.put_object(Bucket=ray_cluster.bucket, Key="inputs/prompts.jsonl", Body=body.encode())
-    return f"s3://{ray_cluster.bucket}/inputs/prompts.jsonl"
+    return put_rows(ray_cluster, "inputs/prompts.jsonl", prompt_rows(COUNT))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +56,8 @@ def test_s3_to_s3_writes_one_image_and_metadata_per_row(ray_cluster, first_run, 
     images, metadata = keys(s3, bucket, "runs/full/images/"), keys(s3, bucket, "runs/full/metadata/")
     assert len(images) == COUNT and len(metadata) == COUNT
     rows = prompt_rows(COUNT)
-    for i in (0, 5, 7, 100, 299):  # sampled rows: given seeds and ids are kept, images equal the engine's
+    # Sampled rows, images equal to the engine's; their own seed (0, 99), id (0, 5, 35), width (0, 7, 35), none (1).
+    for i in (0, 1, 5, 7, 35, 99):
         row_id = rows[i].get("id", f"prompts.jsonl-{i + 1:07d}")
         meta = metadata_of(s3, bucket, "runs/full/", row_id)
         if "seed" in rows[i]:
@@ -137,11 +91,9 @@ def test_rerun_writes_nothing_new(ray_cluster, first_run, s3_input):
 def test_killed_mid_way_then_rerun_is_complete_exactly_once(ray_cluster, first_run, s3_input):
     output = f"s3://{ray_cluster.bucket}/runs/killed/"
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
-    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.generate", "--input", s3_input, "--output", output, *SLOW],
-        env=env,
-        cwd=ROOT,
+    process = job_process(  # a driver of its own, to be killed with its process group
+        ray_cluster,
+        *("--input", s3_input, "--output", output, *SLOW),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -213,7 +165,7 @@ def test_strict_and_bad_input_fail_before_generating(ray_cluster, tmp_path):
     assert not out.exists()
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "ok"}\n{oops\n')
-    result = job(ray_cluster, "--input", str(broken), "--output", str(out), *FAST)
+    result = job_process(ray_cluster, "--input", str(broken), "--output", str(out), *FAST)  # as a shell sees it
     assert result.returncode == 2 and "broken.jsonl line 2: not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
     missing = job(ray_cluster, "--input", str(tmp_path / "nope.jsonl"), "--output", str(out))
@@ -225,33 +177,38 @@ def test_strict_and_bad_input_fail_before_generating(ray_cluster, tmp_path):
 def test_ray_job_submit_runs_the_example(ray_cluster):
     output = f"s3://{ray_cluster.bucket}/runs/submitted/"
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_cluster.dashboard,
-            "--working-dir",
-            ".",
-            "--runtime-env-json",
-            json.dumps({"env_vars": {"AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}}),
-            "--",
-            "python",
-            "-m",
-            "jobs.generate",
-            "--input",
-            "examples/prompts.jsonl",
-            "--output",
-            output,
-            *FAST,
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    for _ in range(3):
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--address",
+                ray_cluster.dashboard,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"env_vars": {"AWS_ENDPOINT_URL": ray_cluster.s3_endpoint}}),
+                "--",
+                "python",
+                "-m",
+                "jobs.generate",
+                "--input",
+                "examples/prompts.jsonl",
+                "--output",
+                output,
+                *FAST,
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        # Ray's job head answers this 500 when the node's agent was slow to answer it (seen once, on 2
+        # busy cores): nothing was submitted, and its message says to try again, as a user would.
+        if "No available agent to submit job, please try again later" not in result.stderr:
+            break
     output = result.stdout + result.stderr
     # On failure, show the job's own error lines rather than the tail of its progress log.
     errors = [line for line in output.splitlines() if "Error" in line or "error:" in line]

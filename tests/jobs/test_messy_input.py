@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_generate_job import FAST, job, keys, summary
+from job_runs import FAST, job, keys, summary
 
 from fluxray.sources import resolve_model
 from fluxray.specs import SPECS
