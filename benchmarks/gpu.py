@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.images import psnr
-from fluxray.params import GenerationParams
+from fluxray.params import GenerationParams, parse_size
 from fluxray.pipeline import Pipeline
 from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import (
@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "--modes",
         default="diffusers,bf16,quantized",
         help="comma-separated, from: diffusers, bf16, quantized, cudagraphs, nf4, bf16-cudnn, bf16-flash, "
-        "quantized-cudnn",
+        "quantized-cudnn, bf16-fa3, fp8-fast, fp8-fa3, fp8-fa3fp8",
     )
+    parser.add_argument("--sizes", default=None, help="WxH,... (default 1024x1024,512x512,768x1344)")
     parser.add_argument("--quantize", default=None, help="the quantized mode: fp8 on a GPU, int8 on the CPU")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default by GPU name)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu-<device>.json)")
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model = args.model or ("random:flux-dev" if device.type == "cuda" else "tiny")
     sizes = QUICK_SIZES if args.quick or model == "tiny" else FULL_SIZES
+    if args.sizes:
+        sizes = [parse_size(size) for size in args.sizes.split(",")]
     args.steps = args.steps or (4 if args.quick else 28)
     args.repeats = args.repeats or (1 if args.quick else 2)
     quantize = args.quantize or ("fp8" if device.type == "cuda" else "int8")
@@ -293,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         "bf16-cudnn": ("fluxray-bf16-cudnn", SpeedOptions(attention="cudnn")),
         "bf16-flash": ("fluxray-bf16-flash", SpeedOptions(attention="flash")),
         "quantized-cudnn": (f"fluxray-{quantize}-cudnn", SpeedOptions(quantize=quantize, attention="cudnn")),
+        # FlashAttention-3 (fluxray.flash_attention), fp8 fast accumulation, fp8 q/k/v: lever by lever.
+        "bf16-fa3": ("fluxray-bf16-fa3", SpeedOptions(attention="flash3")),
+        "fp8-fast": ("fluxray-fp8-fast", SpeedOptions(quantize="fp8", fp8_fast_accum="on")),
+        "fp8-fa3": ("fluxray-fp8-fast-fa3", SpeedOptions(quantize="fp8", fp8_fast_accum="on", attention="flash3")),
+        "fp8-fa3fp8": (
+            "fluxray-fp8-fast-fa3fp8",
+            SpeedOptions(quantize="fp8", fp8_fast_accum="on", attention="flash3-fp8"),
+        ),
     }
     unknown = [m for m in wanted if m not in modes]
     if unknown:
@@ -314,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             else None,
             "peak_bf16_tflops": peak,
             "attention_packages": [
-                m for m in ("flash_attn", "flash_attn_interface", "sageattention") if importlib.util.find_spec(m)
+                m
+                for m in ("flash_attn", "flash_attn_interface", "fa3_fwd_interface", "sageattention")
+                if importlib.util.find_spec(m)
             ],
             "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
         },
@@ -351,9 +364,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare(report: dict, outputs: dict, modes: dict, wanted: list[str]) -> None:
-    """ratio of each fluxray mode to the peer, latent distance to the peer, PSNR of quantized vs bf16."""
+    """ratio of each fluxray mode to the peer, latent distance to the peer, PSNR of every other mode vs
+    fluxray-bf16 (compiled). The peer's PSNR vs fluxray-bf16 is the noise floor: the same weights, eager
+    against compiled, so a lossy mode is judged beside what float rounding alone gives."""
     peer = report["modes"].get("diffusers", {})
     bf16_label = modes["bf16"][0]
+    for key, entry in peer.get("sizes", {}).items():
+        if key in outputs.get(bf16_label, {}) and key in outputs.get("diffusers", {}):
+            entry["psnr_db_vs_bf16"] = psnr_db(outputs["diffusers"][key][1], outputs[bf16_label][key][1])
     for label, mode in report["modes"].items():
         if label == "diffusers" or "error" in mode:
             continue

@@ -34,10 +34,13 @@ class Float8Linear(nn.Module):
     the faster GEMM saves; under torch.compile it fuses into one kernel, which is where fp8 pays.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, fast_accum: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
+        # Hopper's fp8 tensor cores accumulate in ~22-bit precision unless the kernel promotes the
+        # partial sums to fp32 every few k-steps; fast accumulation skips that promotion (faster, lossier).
+        self.fast_accum = fast_accum
         weight, scale = _rowwise_fp8(linear.weight.detach())
         self.register_buffer("weight", weight)  # (N, K); .t() is the column-major operand _scaled_mm wants
         self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N)
@@ -46,13 +49,21 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         xq, x_scale = _rowwise_fp8(x.reshape(-1, shape[-1]))
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype)
+        y = torch._scaled_mm(
+            xq,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            out_dtype=self.out_dtype,
+            use_fast_accum=self.fast_accum,
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 rowwise"
+        fast = ", fast accumulation" if self.fast_accum else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 rowwise{fast}"
 
 
 class Int8WeightOnlyLinear(nn.Module):

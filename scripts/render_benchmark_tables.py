@@ -143,7 +143,66 @@ GPU_MODES = {
     "fluxray-fp8": "fluxray fp8",
     "fluxray-bf16-cudagraphs": "fluxray bf16 + CUDA graphs",
     "fluxray-nf4": "fluxray NF4 (memory, not speed)",
+    "fluxray-bf16-fa3": "fluxray bf16, FlashAttention-3",
+    "fluxray-fp8-fast": "fluxray fp8, fast accumulation",
+    "fluxray-fp8-fast-fa3fp8": "fluxray fp8, fast accumulation, fp8 attention (FA3)",
 }
+
+
+def gpu_levers(results: Path) -> str:
+    """One 1024² run of the levers beside diffusers (gpu-levers-nvidia-h200.json)."""
+    report = load(results, "gpu-levers-nvidia-h200")
+    size = report["config"]["sizes"][0]
+    rows = []
+    for mode, figures in report["modes"].items():
+        at = figures["sizes"][size]
+        ratio = f" ({at['ratio']:.3f}×)" if "ratio" in at else ""
+        psnr = at.get("psnr_db_vs_bf16")
+        rows.append(
+            [
+                GPU_MODES.get(mode, mode),
+                f"{at['seconds_per_image']:.2f} s{ratio}",
+                f"{at['step_seconds'] * 1000:.1f} ms",
+                f"{psnr:.1f} dB" if psnr is not None else "—",
+            ]
+        )
+    header = [
+        "mode",
+        f"{side(*(int(x) for x in size.split('x')))}, {report['config']['steps']} steps",
+        "step",
+        "PSNR vs fluxray bf16",
+    ]
+    return table(header, rows)
+
+
+STEP_PROFILES = [  # (file, mode, label): one transformer call, kernel time by group
+    ("step-profile-levers-nvidia-h200", "bf16-fa3", "dev 1024², bf16 + FA3"),
+    ("step-profile-levers-nvidia-h200", "fp8-fa3fp8", "dev 1024², fp8 + fast acc. + fp8 FA3"),
+    ("step-profile-fill-nvidia-h200", "bf16", "Fill 1024², bf16 (dev's step with 384 input channels)"),
+    ("step-profile-kontext-nvidia-h200", "bf16", "Kontext 1024² + 1024² reference, bf16"),
+]
+
+
+def step_profile(results: Path) -> str:
+    rows = []
+    for name, mode, label in STEP_PROFILES:
+        m = load(results, name)["modes"][mode]
+        k = m["kernel_ms"]
+        gap = m.get("gap_ms")
+        gap = gap if gap is not None else m["step_ms"] - sum(k.values())
+        rows.append(
+            [
+                label,
+                f"{m['step_ms']:.0f}",
+                f"{k.get('gemm', 0):.1f}",
+                f"{k.get('attention', 0):.1f}",
+                f"{k.get('fp8_quant', 0):.1f}",
+                f"{k.get('other', 0):.1f}",
+                f"{gap:.1f}",
+            ]
+        )
+    header = ["step", "wall (ms)", "GEMM", "attention", "fp8 quantisation", "other kernels", "gaps"]
+    return table(header, rows)
 
 
 def gpu(results: Path) -> str:
@@ -195,6 +254,8 @@ TABLES = {
     "lora": lora,
     "scheduler": scheduler,
     "gpu": gpu,
+    "gpu-levers": gpu_levers,
+    "step-profile": step_profile,
     "first-request": first_request,
 }
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,3 +82,29 @@ def test_step_profile_on_cpu(tmp_path):
         assert mode["step_ms"] > 0
         assert mode["kernel_ms"].get("gemm", 0) > 0 and mode["kernel_ms"].get("attention", 0) > 0
         assert mode["top_kernels"] and all(ms > 0 for _, ms in mode["top_kernels"])
+        assert mode["kernel_launches"] > 0 and mode["kernel_sum_ms"] > 0
+        assert sum(mode["other_ms"].values()) == pytest.approx(mode["kernel_ms"].get("other", 0), abs=0.05)
+        # Every GEMM shape's throughput is its 2*M*N*K over its time: positive and read from real shapes.
+        assert mode["gemm_shapes"] and all(g["tflops_per_s"] > 0 and g["calls"] > 0 for g in mode["gemm_shapes"])
+
+
+def test_gemm_flops_reads_the_matrices_not_inductors_out_buffer():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_profile import gemm_flops
+
+    # extern_kernels.addmm(bias, x, w, out=buf): the out= buffer's shape comes last.
+    assert gemm_flops("aten::addmm", [[18432], [1, 3072], [3072, 18432], [], [], [1, 18432]]) == 2 * 3072 * 18432
+    assert gemm_flops("aten::mm", [[64, 32], [32, 16]]) == 2 * 64 * 32 * 16
+    assert gemm_flops("aten::_scaled_mm", [[8, 32], [32, 16], [8, 1], [1, 16]]) == 2 * 8 * 32 * 16
+    assert gemm_flops("aten::mm", [[64]]) is None
+
+
+def test_attention_kernels_and_multi_model_memory_on_cpu(tmp_path):
+    report = run_benchmark(
+        "attention_kernels.py", "--device", "cpu", "--tokens", "64", "--out", str(tmp_path / "a.json")
+    )
+    math = report["kernels"]["sdpa-math"]
+    assert math["ms"] > 0 and math["rel_error_vs_fp32"] < 1e-5  # fp32 math against fp32 math
+    report = run_benchmark("multi_model_memory.py", "--device", "cpu", "--tiny", "--out", str(tmp_path / "m.json"))
+    assert list(report["held_gib"]) == ["text encoders + VAE + tiny", "+ tiny-kontext", "+ tiny-fill", "total"]
+    assert list(report["peak_gib"]) == ["tiny step", "tiny-kontext step", "tiny-fill step", "VAE decode"]

@@ -212,6 +212,17 @@ def test_auto_is_off_on_the_cpu():
 # --- what cannot work fails, naming the option -----------------------------------------------------
 
 
+def test_fp8_fast_accumulation_is_on_with_fp8_and_reaches_every_layer(tiny_pipeline):
+    from fluxray.acceleration import _quantize
+
+    assert not resolve(SpeedOptions(quantize="int8"), "cpu").fp8_fast_accum
+    transformer = load_transformer_module(resolve_model("tiny"), torch.device("cpu"), torch.bfloat16)
+    count = _quantize(transformer, "fp8", torch.device("cpu"), fast_accum=True)
+    layers = [m for m in transformer.modules() if isinstance(m, Float8Linear)]
+    assert count == len(layers) > 0 and all(m.fast_accum for m in layers)
+    assert "fast accumulation" in repr(layers[0])
+
+
 @pytest.mark.parametrize(
     "options, named",
     [
@@ -220,6 +231,8 @@ def test_auto_is_off_on_the_cpu():
         ({"cuda_graphs": "on"}, "cuda_graphs=on"),
         ({"attention": "cudnn"}, "attention=cudnn"),
         ({"attention": "flash3"}, "attention=flash3"),
+        ({"attention": "flash3-fp8"}, "attention=flash3-fp8"),
+        ({"fp8_fast_accum": "on"}, "fp8_fast_accum=on needs quantize=fp8"),
         ({"t5_device": "gpu"}, "t5_device="),
         ({"t5_device": "cuda:7"}, "t5_device=cuda:7"),
     ],
