@@ -1,25 +1,23 @@
 """Running the offline job from the tests, and reading what it wrote.
 
-`job()` runs `jobs.generate.main(argv)` in this process, as a Ray driver of the session's cluster: the
-same code as `python -m jobs.generate` from its argument parsing to its exit status, without the
-~5 s of a new interpreter importing torch and Ray. `job_process()` starts the real command, for what
-needs a process: killing the driver, its exit status and output as a shell sees them.
+`job()` runs `jobs.generate.main(argv)` in one long-lived job driver process per cluster (started on
+first use): the same code as `python -m jobs.generate` from its argument parsing to its exit status,
+without the ~5 s of a new interpreter importing torch and Ray for every run, and without making the
+test process itself a Ray driver (a driver connected and disconnected dozens of times can crash the
+interpreter at exit). `job_process()` starts the real command, for what needs a process: killing the
+driver, its exit status and output as a shell sees them.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import io
 import json
-import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-import ray
-from ray._private.authentication_test_utils import reset_auth_token_state
-
-import jobs.generate
 from cluster.ray_head import MARKER
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,42 +25,108 @@ FAST = ["--width", "64", "--height", "64", "--steps", "2", "--denoise-batch-size
 # Small batches: a job slow enough to be caught mid-way.
 SLOW = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
 
-
-@contextlib.contextmanager
-def client_environment(cluster, endpoint: str | None = None):
-    """This process' environment as the cluster's clients get it (Ray's address and token, the S3
-    keys, fault switches the test put in `cluster.env`), `AWS_ENDPOINT_URL` the cluster's S3 server
-    or `endpoint`; put back as it was afterwards."""
-    changes = {k: v for k, v in cluster.env.items() if os.environ.get(k) != v and k != MARKER}
-    changes["AWS_ENDPOINT_URL"] = endpoint or cluster.s3_endpoint
-    saved = {k: os.environ.get(k) for k in changes}
-    os.environ.update(changes)
-    # Ray caches the token it read first (at import, from ~/.ray/auth_token or none): read it again
-    # from the environment, with Ray's own helper for tests that switch tokens.
+# The job driver's loop: one JSON line in ({"argv", "env"}), one out ({"rc", "stdout", "stderr"}). Each
+# run gets the environment it names on top of the process' own, a fresh read of Ray's token (Ray caches
+# the first one it read) and its own driver connection, closed after the run as a process' would be.
+JOB_LOOP = """
+import contextlib, io, json, os, sys, traceback
+reply = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)  # what Ray prints outside the capture goes to the log, not into the replies
+import ray
+from ray._private.authentication_test_utils import reset_auth_token_state
+import jobs.generate
+base = dict(os.environ)
+reply.write(json.dumps({"ready": True}) + "\\n")
+for line in sys.stdin:
+    request = json.loads(line)
+    os.environ.clear()
+    os.environ.update({**base, **request["env"]})
     reset_auth_token_state()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reset_auth_token_state()
-
-
-def job(cluster, *args: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
-    """The job run to its end against the cluster (and its S3 server, or `endpoint` in front of it):
-    exit status, stdout and stderr as `python -m jobs.generate` would give them. The driver
-    disconnects after each run, so every run starts as a new driver does."""
     out, err = io.StringIO(), io.StringIO()
-    with client_environment(cluster, endpoint):
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = jobs.generate.main(list(args))
-        finally:
-            ray.shutdown()
-    return subprocess.CompletedProcess(["jobs.generate", *args], code, out.getvalue(), err.getvalue())
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = jobs.generate.main(request["argv"])
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+                if not isinstance(exit.code, (int, type(None))):
+                    print(exit.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:
+        ray.shutdown()
+    reply.write(json.dumps({"rc": code, "stdout": out.getvalue(), "stderr": err.getvalue()}) + "\\n")
+"""
+
+
+class JobDriver:
+    """The cluster's job driver process (see JOB_LOOP); its own output goes to `log`."""
+
+    def __init__(self, cluster, log: Path):
+        self.cluster, self.log = cluster, log
+        self.process: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _read(self, timeout: float) -> dict:
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not got or not got[0]:
+            self.close()
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise TimeoutError(f"the job driver gave no answer within {timeout:.0f} s; its log ends:\n{tail}")
+        return json.loads(got[0])
+
+    def run(self, argv: list[str], env: dict, timeout: float) -> dict:
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                # The cluster's environment, marker included: stopping the cluster ends this process too.
+                self.process = subprocess.Popen(
+                    [sys.executable, "-u", "-c", JOB_LOOP],
+                    env=self.cluster.env,
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=self.log.open("ab"),
+                    text=True,
+                )
+                self._read(120)
+            self.process.stdin.write(json.dumps({"argv": argv, "env": env}) + "\n")
+            self.process.stdin.flush()
+            return self._read(timeout)
+
+    def close(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+_drivers: dict[int, JobDriver] = {}
+
+
+def job(cluster, *args: str, endpoint: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The job run to its end against the cluster (and its S3 server, or `endpoint` in front of it):
+    exit status, stdout and stderr as `python -m jobs.generate` would give them, with the variables the
+    test put in `cluster.env` (fault switches) as they are now. Every run connects as a new driver."""
+    driver = _drivers.get(id(cluster))
+    if driver is None or driver.cluster is not cluster:
+        driver = _drivers[id(cluster)] = JobDriver(cluster, Path(cluster.tmp) / "job-driver.log")
+    env = {k: v for k, v in cluster.env.items() if k != MARKER}
+    env["AWS_ENDPOINT_URL"] = endpoint or cluster.s3_endpoint
+    answer = driver.run(list(args), env, timeout)
+    return subprocess.CompletedProcess(["jobs.generate", *args], answer["rc"], answer["stdout"], answer["stderr"])
+
+
+@atexit.register
+def close_job_drivers() -> None:
+    """End every cluster's job driver (stopping a cluster ends its driver too: it carries the marker)."""
+    for driver in _drivers.values():
+        driver.close()
+    _drivers.clear()
 
 
 def job_process(cluster, *args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess | subprocess.Popen:

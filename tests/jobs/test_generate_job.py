@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from image_checks import max_pixel_diff
@@ -123,34 +122,6 @@ def test_killed_mid_way_then_rerun_is_complete_exactly_once(ray_cluster, first_r
 
     for key in images:
         assert max_pixel_diff(pixels(key), pixels(key.replace("/killed/", "/full/"))) <= 1, key
-
-
-def test_formats_invalid_rows_and_local_output(ray_cluster, tmp_path):
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    (inputs / "a.csv").write_text("prompt,seed\na red fox,1\nan owl,2\n,3\n")
-    pq.write_table(pa.table({"prompt": ["a robot", "a house"], "id": ["robot", "bad/id"]}), inputs / "b.parquet")
-    (inputs / "c.txt").write_text("a lighthouse\na bowl of fruit\n")
-    (inputs / "d.jsonl").write_text(json.dumps({"prompt": "a cat", "width": 100}) + "\n")
-    out = tmp_path / "out"
-    result = job(ray_cluster, "--input", str(inputs), "--output", str(out), *FAST, "--format", "webp")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(result.stdout)["written"] == "5" and summary(result.stdout)["invalid"] == "3"
-    written = sorted(p.name for p in (out / "images").iterdir())
-    assert written == [
-        "a.csv-0000002.webp",
-        "a.csv-0000003.webp",
-        "c.txt-0000001.webp",
-        "c.txt-0000002.webp",
-        "robot.webp",
-    ]
-    assert not list(out.rglob("*.tmp"))
-    (manifest,) = (out / "manifest").iterdir()
-    table = pq.read_table(manifest).to_pylist()
-    invalid = {r["source"]: r["reason"] for r in table if r["status"] == "invalid"}
-    assert set(invalid) == {"a.csv:4", "b.parquet:2", "d.jsonl:1"}
-    assert invalid["a.csv:4"].startswith("prompt:") and invalid["b.parquet:2"].startswith("id:")
-    assert "width" in invalid["d.jsonl:1"]
 
 
 def test_strict_and_bad_input_fail_before_generating(ray_cluster, tmp_path):

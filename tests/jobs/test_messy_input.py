@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -64,20 +65,36 @@ def test_a_jsonl_with_bad_rows_among_good_ones_on_s3(ray_cluster):
     assert "progress:" in result.stdout and "stage denoise:" in result.stdout
 
 
-def test_ids_are_unique_across_files_and_a_repeated_id_is_made_once(ray_cluster, tmp_path):
-    inputs = tmp_path / "in"
+def test_a_local_folder_of_every_format_with_invalid_rows_and_a_repeated_id(ray_cluster, tmp_path):
+    """One folder: CSV, Parquet, text and JSONL files, invalid rows among them, ids unique across the
+    files (a repeated id is made once, from its first row), written as WebP to a local directory."""
+    inputs = tmp_path / "inputs"
     inputs.mkdir()
+    (inputs / "a.csv").write_text("prompt,seed\na red fox,1\nan owl,2\n,3\n")
+    pq.write_table(pa.table({"prompt": ["a robot", "a house"], "id": ["robot", "bad/id"]}), inputs / "b.parquet")
+    (inputs / "c.txt").write_text("a lighthouse\na bowl of fruit\n")
+    (inputs / "d.jsonl").write_text(json.dumps({"prompt": "a cat", "width": 100}) + "\n")
     (inputs / "prompts.csv").write_text("prompt,id\na red fox,\nan owl,hero\n")
     (inputs / "prompts.jsonl").write_text(
         json.dumps({"prompt": "a blue car"}) + "\n" + json.dumps({"prompt": "another hero", "id": "hero"}) + "\n"
     )
     out = tmp_path / "out"
-    result = job(ray_cluster, "--input", str(inputs), "--output", str(out), *FAST)
+    result = job(ray_cluster, "--input", str(inputs), "--output", str(out), *FAST, "--format", "webp")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(result.stdout)["written"] == "3" and summary(result.stdout)["duplicate"] == "1"
+    counts = summary(result.stdout)
+    assert (counts["written"], counts["invalid"], counts["duplicate"]) == ("8", "3", "1"), counts
+    written = ["a.csv-0000002", "a.csv-0000003", "c.txt-0000001", "c.txt-0000002", "robot"]
+    written += ["prompts.csv-0000002", "hero", "prompts.jsonl-0000001"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{name}.webp" for name in written)
+    assert not list(out.rglob("*.tmp"))
     storage = open_storage(str(out))
-    check_records(storage, {"prompts.csv-0000002", "hero", "prompts.jsonl-0000001"})
-    (dup,) = [r for r in manifest_rows(storage) if r["status"] == "duplicate"]
+    check_records(storage, set(written))
+    manifest = manifest_rows(storage)
+    invalid = {r["source"]: r["reason"] for r in manifest if r["status"] == "invalid"}
+    assert set(invalid) == {"a.csv:4", "b.parquet:2", "d.jsonl:1"}
+    assert invalid["a.csv:4"].startswith("prompt:") and invalid["b.parquet:2"].startswith("id:")
+    assert "width" in invalid["d.jsonl:1"]
+    (dup,) = [r for r in manifest if r["status"] == "duplicate"]
     assert dup["source"] == "prompts.jsonl:2" and dup["reason"] == "id 'hero' is taken by prompts.csv:3"
     hero = json.loads(storage.get(next(storage.scan("metadata/hero."))))
     assert hero["prompt"] == "an owl"  # the first row's, never the later one's
@@ -92,7 +109,8 @@ def test_a_rerun_with_other_settings_conflicts_until_overwrite(ray_cluster):
     assert first.returncode == 0 and summary(first.stdout)["written"] == "3", first.stderr[-3000:]
     before = {k: v for k, v in keys(s3, bucket, "runs/conflict/").items() if "/manifest/" not in k}
 
-    changed = job(ray_cluster, "--input", source, "--output", output, *FAST, "--steps", "3")
+    # Another format alone makes the rows other images (the plan's tests cover the rest of the fingerprint).
+    changed = job(ray_cluster, "--input", source, "--output", output, *FAST, "--format", "webp")
     assert changed.returncode == 3
     assert changed.stderr.strip().splitlines() == [
         "jobs.generate: error: 3 rows were written before with other settings (first: p.txt-0000001); "
@@ -102,18 +120,14 @@ def test_a_rerun_with_other_settings_conflicts_until_overwrite(ray_cluster):
     after = {k: v for k, v in keys(s3, bucket, "runs/conflict/").items() if "/manifest/" not in k}
     assert after == before  # nothing regenerated, nothing skipped silently
 
-    again = job(ray_cluster, "--input", source, "--output", output, *FAST, "--steps", "3", "--overwrite")
+    as_webp = ["--steps", "3", "--format", "webp"]
+    again = job(ray_cluster, "--input", source, "--output", output, *FAST, *as_webp, "--overwrite")
     assert again.returncode == 0 and summary(again.stdout)["written"] == "3", again.stderr[-3000:]
     check_records(storage, {"p.txt-0000001", "p.txt-0000002", "p.txt-0000003"})
     assert all(json.loads(storage.get(k))["steps"] == 3 for k in storage.scan("metadata/"))
     assert not set(before) & set(keys(s3, bucket, "runs/conflict/metadata/"))  # old records are gone
-
-    as_webp = ["--steps", "3", "--format", "webp"]
-    webp = job(ray_cluster, "--input", source, "--output", output, *FAST, *as_webp, "--overwrite")
-    assert webp.returncode == 0 and summary(webp.stdout)["written"] == "3", webp.stderr[-3000:]
     images = sorted(keys(s3, bucket, "runs/conflict/images/"))
     assert images == [f"runs/conflict/images/p.txt-000000{i}.webp" for i in (1, 2, 3)]  # the PNGs are gone
-    check_records(storage, {"p.txt-0000001", "p.txt-0000002", "p.txt-0000003"})
     same = job(ray_cluster, "--input", source, "--output", output, *FAST, *as_webp)
     assert same.returncode == 0 and summary(same.stdout)["skipped"] == "3", same.stderr[-3000:]
 
