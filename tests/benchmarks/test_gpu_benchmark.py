@@ -89,8 +89,7 @@ def test_step_profile_on_cpu(tmp_path):
 
 
 def test_gemm_flops_reads_the_matrices_not_inductors_out_buffer():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from step_profile import gemm_flops
+    from benchmarks.step_profile import gemm_flops
 
     # extern_kernels.addmm(bias, x, w, out=buf): the out= buffer's shape comes last.
     assert gemm_flops("aten::addmm", [[18432], [1, 3072], [3072, 18432], [], [], [1, 18432]]) == 2 * 3072 * 18432
