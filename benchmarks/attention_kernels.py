@@ -13,8 +13,6 @@ float32 math on the same inputs. JSON to benchmarks/results/attention-kernels-<d
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.reporting import results_path, write_report  # noqa: E402
 from fluxray.flash_attention import FA3FluxProcessor, fa3_interface_name  # noqa: E402
 from fluxray.runtime import pick_device  # noqa: E402
 
@@ -107,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # a kernel this device or build lacks is recorded, not fatal
             report["kernels"][name] = {"error": f"{type(error).__name__}: {error}"[:500]}
         print(name, report["kernels"][name], flush=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", report["env"]["device"].lower()).strip("-")
-    path = Path(args.out or Path(__file__).parent / "results" / f"attention-kernels-{slug}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(report, args.out or results_path("attention-kernels", report["env"]["device"]))
     return 0
 
 

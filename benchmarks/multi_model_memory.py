@@ -14,8 +14,6 @@ token count of a 1024x2048 dev image. JSON to benchmarks/results/multi-model-mem
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.reporting import results_path, write_report  # noqa: E402
 from fluxray.acceleration import SpeedOptions, warm_up  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
 from fluxray.runtime import default_dtype, pick_device  # noqa: E402
@@ -80,12 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.decoder.decode(latents, side, side)
         report["peak_gib"]["VAE decode"] = gib(torch.cuda.max_memory_allocated(device) if cuda else None)
     report["held_gib"]["total"] = gib(allocated())
-    print(json.dumps(report, indent=2))
-    slug = re.sub(r"[^a-z0-9]+", "-", report["env"]["device"].lower()).strip("-")
-    path = Path(args.out or Path(__file__).parent / "results" / f"multi-model-memory-{slug}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(report, args.out or results_path("multi-model-memory", report["env"]["device"]))
     return 0
 
 

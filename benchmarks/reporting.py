@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def results_path(stem: str, device: str) -> Path:
+    """benchmarks/results/<stem>-<device slug>.json ("NVIDIA H200" -> nvidia-h200)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return RESULTS / f"{stem}-{slug}.json"
 
 
 def write_report(report: dict, out: str | Path) -> None:

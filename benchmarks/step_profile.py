@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.reporting import results_path  # noqa: E402
 from fluxray.acceleration import SpeedOptions, warm_up  # noqa: E402
 from fluxray.params import parse_size  # noqa: E402
 from fluxray.runtime import default_dtype, pick_device  # noqa: E402
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(report: dict, name: str, out: str | None) -> None:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = Path(out or Path(__file__).parent / "results" / f"step-profile-{slug}.json")
+    path = Path(out) if out else results_path("step-profile", name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")

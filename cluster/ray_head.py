@@ -84,16 +84,17 @@ for line in sys.stdin:
 
 
 class Driver:
-    """One long-lived Ray driver process connected to `address`, started on first use."""
+    """One long-lived Ray driver process connected to `address`, started on first use: DRIVER_LOOP, or
+    another `loop` that answers a JSON line with one (its first line says it is ready)."""
 
-    def __init__(self, address: str, env: dict, log: Path):
-        self.address, self.env, self.log = address, env, log
+    def __init__(self, address: str, env: dict, log: Path, loop: str = DRIVER_LOOP):
+        self.address, self.env, self.log, self.loop = address, env, log, loop
         self.process: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
     def _start(self, timeout: float) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-u", "-c", DRIVER_LOOP, self.address],
+            [sys.executable, "-u", "-c", self.loop, self.address],
             env=self.env,
             cwd=ROOT,
             stdin=subprocess.PIPE,
@@ -115,15 +116,19 @@ class Driver:
             raise TimeoutError(f"the cluster's driver gave no answer within {timeout:.0f} s; its log ends:\n{tail}")
         return json.loads(got[0])
 
-    def run(self, code: str, timeout: float = 120):
-        """Run `code` in the driver; the JSON it printed last, parsed (AssertionError with its traceback if
-        it raised)."""
+    def call(self, request: dict, timeout: float = 120) -> dict:
+        """Send one request line; the driver's answer line, parsed (the driver restarted if it had died)."""
         with self.lock:
             if self.process is None or self.process.poll() is not None:
                 self._start(timeout)
-            self.process.stdin.write(json.dumps({"code": code}) + "\n")
+            self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            answer = self._read(timeout)
+            return self._read(timeout)
+
+    def run(self, code: str, timeout: float = 120):
+        """Run `code` in the driver; the JSON it printed last, parsed (AssertionError with its traceback if
+        it raised)."""
+        answer = self.call({"code": code}, timeout)
         assert answer["ok"], answer["error"][-2000:]
         return json.loads(answer["out"].strip().splitlines()[-1])
 

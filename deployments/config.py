@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from fluxray.acceleration import SpeedOptions
+from fluxray.editing import MAX_INPUT_PIXELS
 from fluxray.params import MAX_LORAS, MAX_PROMPT_CHARS, parse_size
 
 
@@ -150,10 +151,10 @@ class AppConfig(BaseModel):
         description="Longest prompt, prompt_2 or negative_prompt accepted, in characters; beyond it, 422.",
     )
     max_input_pixels: int = Field(
-        default=4096 * 4096,
+        default=MAX_INPUT_PIXELS,
         ge=64 * 64,
         description="Largest input image (or mask) of an edit, in pixels, read from its header before it is "
-        "decoded; beyond it, 422.",
+        "decoded; beyond it, 400 naming image or mask.",
     )
     max_pixel_steps: int = Field(
         default=4 * 1024 * 1024 * 50,

@@ -62,16 +62,10 @@ from fluxray.editing import (
     edit_method,
     fit_size,
     prepare_edit,
+    read_edit_inputs,
     reference_size,
 )
-from fluxray.images import (
-    MEDIA_TYPES,
-    InputImageError,
-    edit_mask,
-    image_sha256,
-    mask_from_alpha,
-    read_input_image,
-)
+from fluxray.images import MEDIA_TYPES, InputImageError, image_sha256
 from fluxray.lora import LoraRegistry
 from fluxray.params import GenerationParams, describe_validation_error, parse_size
 from fluxray.sources import resolve_model
@@ -398,20 +392,9 @@ class Ingress:
     # --- edits ------------------------------------------------------------------------------------
 
     def _read_inputs(self, image_bytes: bytes, mask_bytes: bytes | None, spec):
-        """The edit's image (RGB) and mask (L, white = edit; None for none). With no mask, an image with
-        transparent pixels marks its own area to edit, as OpenAI's edits do (not for Kontext, which takes
-        no mask: its input's alpha is dropped)."""
-        limit = self.config.max_input_pixels
-        image = read_input_image(image_bytes, "image", limit)
-        if mask_bytes is not None:
-            mask = edit_mask(read_input_image(mask_bytes, "mask", limit))
-            if mask.size != image.size:
-                raise InputImageError(
-                    "mask", f"{mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
-                )
-        else:
-            mask = mask_from_alpha(image) if spec.edit != "kontext" else None
-        return image.convert("RGB"), mask
+        """The edit's image (RGB) and mask (L, white = edit; None for none): fluxray.editing's reader, at
+        this server's max_input_pixels."""
+        return read_edit_inputs(spec, image_bytes, mask_bytes, self.config.max_input_pixels)
 
     @app.post(
         "/v1/images/edits",

@@ -15,8 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fluxray.acceleration import SpeedOptionError, add_speed_arguments, speed_options_from_args
-from fluxray.editing import EditError, EditParams, default_size, edit_method, fit_size
-from fluxray.images import InputImageError, edit_mask, read_input_image
+from fluxray.editing import EditError, EditParams, default_size, edit_method, fit_size, read_edit_inputs
+from fluxray.images import InputImageError
 from fluxray.lora import LoraError, LoraRegistry, attach_loras, check_lora_file, read_lora
 from fluxray.params import MAX_LORA_SCALE, GenerationParams, describe_validation_error
 from fluxray.sources import PICKLE_SUFFIXES, ModelSourceError, resolve_model
@@ -38,7 +38,6 @@ FLAG_OF_FIELD = {
     "strength": "--strength",
     "loras": "--lora",
 }
-MAX_INPUT_PIXELS = 4096 * 4096  # an --image or --mask larger than this is refused before it is decoded
 FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -103,32 +102,23 @@ def _edit_inputs(args: argparse.Namespace, spec):
                 raise UsageError(f"{flag} needs --image")
         return None, None
 
-    def read(path: str, field: str):
+    def read(path: str, field: str) -> bytes:
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except OSError as e:
             raise UsageError(f"--{field}: cannot read {path}: {e.strerror}") from None
-        try:
-            return read_input_image(data, f"--{field}", MAX_INPUT_PIXELS)
-        except InputImageError as e:
-            raise UsageError(str(e)) from None
 
-    image = read(args.image, "image")
-    mask = None
-    if args.mask is not None:
-        try:
-            mask = edit_mask(read(args.mask, "mask"))
-        except InputImageError as e:
-            raise UsageError(f"--{e}") from None
-        if mask.size != image.size:
-            raise UsageError(
-                f"--mask: {mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
-            )
+    image_data = read(args.image, "image")
+    mask_data = read(args.mask, "mask") if args.mask is not None else None
+    try:
+        image, mask = read_edit_inputs(spec, image_data, mask_data)
+    except InputImageError as e:
+        raise UsageError(f"--{e}") from None
     try:
         edit_method(spec, mask is not None, args.strength)
     except EditError as e:
         raise UsageError(f"--{e}") from None
-    return image.convert("RGB"), mask
+    return image, mask
 
 
 def _lora_files(args: argparse.Namespace) -> dict[str, tuple[Path, float]]:

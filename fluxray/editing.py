@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from fluxray.embeds import PromptEmbeds
+from fluxray.images import InputImageError, edit_mask, mask_from_alpha, read_input_image
 from fluxray.lora import LoraChoice
 from fluxray.params import MAX_SIDE, MIN_SIDE, GenerationParams
 from fluxray.sampling import (
@@ -84,6 +85,31 @@ class EditParams(GenerationParams):
         if self.strength is None:
             return 0
         return int(max(steps - min(steps * self.strength, steps), 0))
+
+
+# An input image (or mask) larger than this many pixels is refused from its header, before it is
+# decoded: the CLI's and the job's bound, and the serve config's max_input_pixels default.
+MAX_INPUT_PIXELS = 4096 * 4096
+
+
+def read_edit_inputs(
+    spec: ModelSpec, image_data: bytes, mask_data: bytes | None, max_pixels: int = MAX_INPUT_PIXELS
+) -> tuple[Image.Image, Image.Image | None]:
+    """The one reader of an edit's inputs (the CLI's files, the HTTP route's uploads, the job's rows):
+    the image as RGB and the mask as diffusers takes it (L, white = repaint; None for none), each checked
+    against `max_pixels` from its header. A mask with alpha follows OpenAI (transparent = edit); with no
+    mask, an image whose alpha has transparent pixels marks its own area to edit, as OpenAI's edits do
+    (not for Kontext, which takes no mask: its input's alpha is dropped). InputImageError names the field."""
+    image = read_input_image(image_data, "image", max_pixels)
+    if mask_data is not None:
+        mask = edit_mask(read_input_image(mask_data, "mask", max_pixels))
+        if mask.size != image.size:
+            raise InputImageError(
+                "mask", f"{mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
+            )
+    else:
+        mask = mask_from_alpha(image) if spec.edit != "kontext" else None
+    return image.convert("RGB"), mask
 
 
 def edit_method(spec: ModelSpec, has_mask: bool, strength: float | None = None) -> EditMethod:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fluxray.s3_files import S3FileError, S3Folder
 from fluxray.sources import PICKLE_SUFFIXES, refuse_pickle
+from fluxray.storage import S3FileError, S3Folder
 
 MAX_LORAS_PER_ROW = 4
 MAX_RANK = 128

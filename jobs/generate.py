@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fluxray.lora import LoraError, LoraRegistry
 from fluxray.sources import ModelSource, ModelSourceError, resolve_model
+from fluxray.storage import StorageError, endpoint_from_env, open_storage, split_input_uri
 from jobs.config import STAGES, JobConfig, UsageError, load_config
 from jobs.layout import model_identity
 from jobs.manifest import ManifestWriter
@@ -43,7 +44,6 @@ from jobs.stages import (
     PromptDatasource,
     WriteStage,
 )
-from jobs.storage import StorageError, open_storage, split_input_uri
 
 READ_CPUS = 0.1  # each read task's share; read tasks run beside the actor pools
 RESOURCE_WAIT_S = 20.0  # resources busy with a finished job's actors come back within seconds
@@ -81,9 +81,11 @@ def wait_for_resources(needs: dict[str, float], timeout_s: float = RESOURCE_WAIT
         time.sleep(0.5)
 
 
-def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults, input_root: str, plans, batch):
-    """The pipeline over the plan's pending rows; `batch` overrides every stage's batch size."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+def build_dataset(
+    config: JobConfig, source: ModelSource, defaults: JobDefaults, input_root: str, endpoint: str | None, plans, batch
+):
+    """The pipeline over the plan's pending rows; `batch` overrides every stage's batch size; `endpoint` is
+    the S3 API's (read once by the driver: the workers do not inherit its environment)."""
     faults = os.environ.get(FAULTS_ENV)
 
     def pool(stage: str) -> dict:
@@ -136,7 +138,9 @@ def build_dataset(config: JobConfig, source: ModelSource, defaults: JobDefaults,
         return ds.map_batches(WriteStage, fn_constructor_args=write_args, **pool("write"))
 
 
-def generate(config: JobConfig, source, defaults, input_root: str, plans: list[FilePlan], manifest) -> Progress:
+def generate(
+    config: JobConfig, source, defaults, input_root: str, endpoint: str | None, plans: list[FilePlan], manifest
+) -> Progress:
     """Run the plan's pending rows through the stages, again in halved batches for rows lost with a
     worker that died on every try, until one row a batch; rows lost then are failed."""
     ray.init(
@@ -152,7 +156,7 @@ def generate(config: JobConfig, source, defaults, input_root: str, plans: list[F
     progress = Progress(sum(p.pending for p in plans), config.progress_interval_s)
     batch = None
     while True:
-        ds = build_dataset(config, source, defaults, input_root, plans, batch)
+        ds = build_dataset(config, source, defaults, input_root, endpoint, plans, batch)
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             manifest.add_table(table)
             for file, row in zip(table.column("file").to_pylist(), table.column("row").to_pylist()):
@@ -165,14 +169,14 @@ def generate(config: JobConfig, source, defaults, input_root: str, plans: list[F
             return progress
         if used == 1:
             reason = f"its worker died on each of {config.max_retries + 1} tries, alone in its batch"
-            _fail_lost(plans, defaults, input_root, manifest, progress, reason)
+            _fail_lost(plans, defaults, input_root, endpoint, manifest, progress, reason)
             return progress
         batch = max(1, used // 2)
         print(f"{lost} rows were lost with a worker that died on every try; again in batches of {batch}", flush=True)
 
 
-def _fail_lost(plans, defaults, input_root: str, manifest, progress, reason: str) -> None:
-    storage = open_storage(input_root, os.environ.get("AWS_ENDPOINT_URL") or None)
+def _fail_lost(plans, defaults, input_root: str, endpoint: str | None, manifest, progress, reason: str) -> None:
+    storage = open_storage(input_root, endpoint)
     for plan in plans:
         if not plan.pending:
             continue
@@ -183,12 +187,12 @@ def _fail_lost(plans, defaults, input_root: str, manifest, progress, reason: str
                 plan.codes[row] = SETTLED
 
 
-def lora_names(lora_root: str | None) -> frozenset[str] | None:
+def lora_names(lora_root: str | None, endpoint: str | None) -> frozenset[str] | None:
     """The LoRAs rows may name (None without --lora-root); UsageError for a root that is not a directory."""
     if lora_root is None:
         return None
     try:
-        return frozenset(LoraRegistry(lora_root, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None).names())
+        return frozenset(LoraRegistry(lora_root, endpoint_url=endpoint).names())
     except LoraError as error:
         raise UsageError(f"--lora-root: {error}") from None
 
@@ -196,6 +200,7 @@ def lora_names(lora_root: str | None) -> frozenset[str] | None:
 def run(config: JobConfig) -> int:
     source = resolve_model(config.model)
     size = source.spec.default_size
+    endpoint = endpoint_from_env()  # the one read of it: every stage is handed it
     defaults = JobDefaults(
         spec=source.spec,
         width=config.width or size,
@@ -206,9 +211,8 @@ def run(config: JobConfig) -> int:
         seed_base=config.seed_base,
         output_format=config.format,
         model_identity=model_identity(source, config.speed.quantize),
-        lora_names=lora_names(config.lora_root),
+        lora_names=lora_names(config.lora_root, endpoint),
     )
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
     input_storage, keys = split_input_uri(config.input, endpoint)
     output = open_storage(config.output, endpoint)
     started = time.monotonic()
@@ -235,7 +239,7 @@ def run(config: JobConfig) -> int:
         )
         progress = None
         if pending:
-            progress = generate(config, source, defaults, input_storage.uri, plans, manifest)
+            progress = generate(config, source, defaults, input_storage.uri, endpoint, plans, manifest)
             print(progress.line(), flush=True)
         manifest_key = f"manifest/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.parquet"
         output.put(manifest_key, manifest.close(), "application/vnd.apache.parquet")

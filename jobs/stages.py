@@ -34,21 +34,20 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fluxray.acceleration import SpeedOptions
-from fluxray.editing import EncodedEdit, edit_method, edit_task, prepare_edit
+from fluxray.editing import EncodedEdit, edit_method, edit_task, prepare_edit, read_edit_inputs
 from fluxray.embeds import PromptEmbeds
 from fluxray.images import (
     MEDIA_TYPES,
     InputImageError,
-    edit_mask,
     encode_image,
     image_metadata,
     image_sha256,
-    read_input_image,
 )
 from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
 from fluxray.lora_cache import HostCache, LoraResidency, make_room
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
+from fluxray.storage import open_storage
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder, VAEEncoder
@@ -56,7 +55,6 @@ from jobs.layout import image_key, metadata_key, metadata_prefix, parse_metadata
 from jobs.manifest import MANIFEST_SCHEMA
 from jobs.plan import OVERWRITE, FilePlan
 from jobs.prompts import JobDefaults, params_of, records
-from jobs.storage import open_storage
 
 # Tests only: "stage:action:MARKER,...": a pending row whose prompt holds MARKER makes that stage
 # raise (action "raise") or kill its own worker process (action "kill"), as a bad kernel would.
@@ -100,8 +98,6 @@ EDIT_RECORD = ("input_image", "input_mask", "strength", "image_sha256", "mask_sh
 
 # Host memory per denoise actor for LoRAs evicted from the device (fluxray.lora_cache.HostCache).
 LORA_HOST_CACHE_BYTES = 2 << 30
-# An input image (or mask) larger than this many pixels fails its row (as the HTTP route's max_input_pixels).
-MAX_INPUT_PIXELS = 4096 * 4096
 DECODED_SCHEMA = pa.schema([*RECORD, ("image_bytes", pa.binary()), ("sha256", pa.string())])
 WRITTEN_SCHEMA = pa.schema([*POSITION, *MANIFEST_SCHEMA, *TIMES])
 
@@ -240,18 +236,13 @@ class EncodeStage:
     def _edit(self, row: dict) -> bytes:
         """An edit row's input, read, checked and through the VAE's encoder (its sha256s set on the row)."""
         spec = self.source.spec
-        data = read_input(row["input_image"], self.input_root, self.endpoint_url, "image")
-        image = read_input_image(data, "image", MAX_INPUT_PIXELS)
-        mask = None
+        image_data = read_input(row["input_image"], self.input_root, self.endpoint_url, "image")
+        mask_data = None
         if row["input_mask"] is not None:
-            data = read_input(row["input_mask"], self.input_root, self.endpoint_url, "mask")
-            mask = edit_mask(read_input_image(data, "mask", MAX_INPUT_PIXELS))
-            if mask.size != image.size:
-                raise ValueError(
-                    f"mask: {mask.width}x{mask.height} differs from the image's {image.width}x{image.height}"
-                )
+            mask_data = read_input(row["input_mask"], self.input_root, self.endpoint_url, "mask")
+        image, mask = read_edit_inputs(spec, image_data, mask_data)
+        if mask is not None:
             row["mask_sha256"] = image_sha256(mask)
-        image = image.convert("RGB")
         row["image_sha256"] = image_sha256(image)
         method = edit_method(spec, mask is not None, None if spec.edit == "kontext" else row["strength"])
         if self.image_encoder is None:

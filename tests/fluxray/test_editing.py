@@ -248,3 +248,36 @@ def test_fill_does_not_generate_from_text_alone(fill):
     with pytest.raises(EditError) as e:
         fill[0].generate(GenerationParams(prompt=PROMPT, width=64, height=64, num_inference_steps=1))
     assert e.value.field == "model"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_one_reader_of_edit_inputs_for_the_cli_the_route_and_the_job():
+    from fluxray.editing import read_edit_inputs
+    from fluxray.images import InputImageError
+
+    rgba = Image.new("RGBA", (64, 48), (200, 10, 10, 255))
+    rgba.paste((0, 0, 0, 0), (16, 8, 32, 24))  # a transparent hole: the area to edit
+    image, mask = read_edit_inputs(SPECS["tiny"], png_bytes(rgba), None)
+    assert image.mode == "RGB" and image.size == (64, 48)
+    assert mask.mode == "L" and np.asarray(mask)[16, 20] == 255 and np.asarray(mask)[0, 0] == 0
+    assert int((np.asarray(mask) == 255).sum()) == 16 * 16
+    # Kontext takes no mask: the alpha is dropped, nothing is masked.
+    assert read_edit_inputs(SPECS["tiny-kontext"], png_bytes(rgba), None)[1] is None
+    # An explicit black-and-white mask is diffusers' (white = repaint) and must match the image's size.
+    bw = Image.new("L", (64, 48), 0)
+    bw.paste(255, (0, 0, 8, 8))
+    _, mask = read_edit_inputs(SPECS["tiny"], png_bytes(rgba), png_bytes(bw))
+    assert int((np.asarray(mask) == 255).sum()) == 64
+    with pytest.raises(InputImageError, match="^mask: 32x32 differs") as error:
+        read_edit_inputs(SPECS["tiny"], png_bytes(rgba), png_bytes(Image.new("L", (32, 32))))
+    assert error.value.field == "mask"
+    with pytest.raises(InputImageError, match="^image: ") as error:
+        read_edit_inputs(SPECS["tiny"], png_bytes(rgba), None, max_pixels=64 * 47)
+    assert error.value.field == "image"

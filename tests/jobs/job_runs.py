@@ -11,23 +11,22 @@ driver, its exit status and output as a shell sees them.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from cluster.ray_head import MARKER
+from cluster.ray_head import MARKER, Driver
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--width", "64", "--height", "64", "--steps", "2", "--denoise-batch-size", "16", "--decode-batch-size", "16"]
 # Small batches: a job slow enough to be caught mid-way.
 SLOW = [*FAST[:-4], "--denoise-batch-size", "4", "--decode-batch-size", "4"]
 
-# The job driver's loop: one JSON line in ({"argv", "env"}), one out ({"rc", "stdout", "stderr"}). Each
-# run gets the environment it names on top of the process' own, a fresh read of Ray's token (Ray caches
-# the first one it read) and its own driver connection, closed after the run as a process' would be.
+# The job driver's loop (run by a cluster.ray_head.Driver): one JSON line in ({"argv", "env"}), one out
+# ({"rc", "stdout", "stderr"}). Each run gets the environment it names on top of the process' own, a
+# fresh read of Ray's token (Ray caches the first one it read) and its own driver connection, closed
+# after the run as a process' would be.
 JOB_LOOP = """
 import contextlib, io, json, os, sys, traceback
 reply = os.fdopen(os.dup(1), "w", buffering=1)
@@ -60,52 +59,7 @@ for line in sys.stdin:
 """
 
 
-class JobDriver:
-    """The cluster's job driver process (see JOB_LOOP); its own output goes to `log`."""
-
-    def __init__(self, cluster, log: Path):
-        self.cluster, self.log = cluster, log
-        self.process: subprocess.Popen | None = None
-        self.lock = threading.Lock()
-
-    def _read(self, timeout: float) -> dict:
-        got: list[str] = []
-        reader = threading.Thread(target=lambda: got.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not got or not got[0]:
-            self.close()
-            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-            raise TimeoutError(f"the job driver gave no answer within {timeout:.0f} s; its log ends:\n{tail}")
-        return json.loads(got[0])
-
-    def run(self, argv: list[str], env: dict, timeout: float) -> dict:
-        with self.lock:
-            if self.process is None or self.process.poll() is not None:
-                # The cluster's environment, marker included: stopping the cluster ends this process too.
-                self.process = subprocess.Popen(
-                    [sys.executable, "-u", "-c", JOB_LOOP],
-                    env=self.cluster.env,
-                    cwd=ROOT,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=self.log.open("ab"),
-                    text=True,
-                )
-                self._read(120)
-            self.process.stdin.write(json.dumps({"argv": argv, "env": env}) + "\n")
-            self.process.stdin.flush()
-            return self._read(timeout)
-
-    def close(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(OSError):
-                self.process.kill()
-            self.process.wait(timeout=30)
-            self.process = None
-
-
-_drivers: dict[int, JobDriver] = {}
+_drivers: dict[int, Driver] = {}
 
 
 def job(cluster, *args: str, endpoint: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -113,11 +67,12 @@ def job(cluster, *args: str, endpoint: str | None = None, timeout: float = 600) 
     exit status, stdout and stderr as `python -m jobs.generate` would give them, with the variables the
     test put in `cluster.env` (fault switches) as they are now. Every run connects as a new driver."""
     driver = _drivers.get(id(cluster))
-    if driver is None or driver.cluster is not cluster:
-        driver = _drivers[id(cluster)] = JobDriver(cluster, Path(cluster.tmp) / "job-driver.log")
+    if driver is None:
+        # In the cluster's environment, marker included: stopping the cluster ends this process too.
+        driver = _drivers[id(cluster)] = Driver(cluster.address, cluster.env, cluster.tmp / "job-driver.log", JOB_LOOP)
     env = {k: v for k, v in cluster.env.items() if k != MARKER}
     env["AWS_ENDPOINT_URL"] = endpoint or cluster.s3_endpoint
-    answer = driver.run(list(args), env, timeout)
+    answer = driver.call({"argv": list(args), "env": env}, timeout)
     return subprocess.CompletedProcess(["jobs.generate", *args], answer["rc"], answer["stdout"], answer["stderr"])
 
 

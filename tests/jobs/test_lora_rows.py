@@ -132,7 +132,7 @@ def test_rows_with_different_loras_in_one_batch_make_the_engines_images(lora_roo
 
 def test_an_s3_lora_root_lists_by_stem_and_fetches_once(ray_cluster, tiny_loras, monkeypatch, tmp_path):
     from fluxray.lora import LoraError
-    from fluxray.s3_files import S3Folder
+    from fluxray.storage import S3Folder
 
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(name, ray_cluster.env[name])

@@ -19,10 +19,10 @@ from job_runs import FAST, job, keys, summary
 
 from fluxray.sources import resolve_model
 from fluxray.specs import SPECS
+from fluxray.storage import open_storage
 from jobs.layout import metadata_key, model_identity, parse_metadata_key
 from jobs.prompts import JobDefaults, make_record
 from jobs.stages import FAULTS_ENV
-from jobs.storage import open_storage
 
 
 def manifest_rows(storage) -> list[dict]:
@@ -140,7 +140,7 @@ EXAMPLES = itertools.count()
 
 @pytest.fixture(scope="module", autouse=True)
 def s3_client(ray_cluster):
-    """This process as a client of the cluster's S3 server (jobs.storage reads the usual variables)."""
+    """This process as a client of the cluster's S3 server (fluxray.storage reads the usual variables)."""
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update({name: ray_cluster.env[name] for name in names[:3]}, AWS_ENDPOINT_URL=ray_cluster.s3_endpoint)

@@ -10,12 +10,12 @@ import pytest
 
 from fluxray.sources import TINY_MODEL_DIR, resolve_model
 from fluxray.specs import SPECS
+from fluxray.storage import LocalStorage, split_input_uri
 from jobs.config import UsageError
 from jobs.layout import fingerprint, metadata_key, model_identity, parse_metadata_key
 from jobs.manifest import ManifestWriter
 from jobs.plan import OVERWRITE, PENDING, SETTLED, OutputIndex, plan_rows
 from jobs.prompts import JobDefaults, records
-from jobs.storage import LocalStorage, split_input_uri
 
 DEFAULTS = JobDefaults(spec=SPECS["tiny"], width=64, height=64, steps=2, model_identity="tiny:test:quantize=none")
 

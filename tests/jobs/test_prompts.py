@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fluxray.specs import SPECS
+from fluxray.storage import LocalStorage, StorageError, split_input_uri
 from jobs.prompts import InputError, JobDefaults, derived_seed, records
-from jobs.storage import LocalStorage, StorageError, split_input_uri
 
 DEFAULTS = JobDefaults(spec=SPECS["tiny"], width=64, height=64, steps=3, seed_base=7)
 
