@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         transformers[name] = load_transformer(source, device, dtype, speed)
         report["held_gib"][f"+ {name}"] = gib(allocated())
     with torch.inference_mode():
-        pipeline.text_encoder.encode(["a photo of a cat"])
         for name, transformer in transformers.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)

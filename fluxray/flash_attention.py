@@ -1,7 +1,7 @@
 """FlashAttention-3 for FLUX.1's attention layers, in bf16 or with fp8 q/k/v (Hopper).
 
 diffusers' dispatcher reaches FA3 only through the `flash_attn_interface` package (built from
-source) and has no fp8 path. Here a FluxAttention layer gets `FA3FluxProcessor`: diffusers'
+source) and has no fp8 path. Here a FluxAttention layer gets `FA3FluxProcessor`: the steps of diffusers'
 `FluxAttnProcessor` (0.42.1, the pinned release) with the attention call itself made by FA3, from
 either `flash_attn_interface` or the `fa3-fwd` wheel on PyPI (`fa3_fwd_interface`, the same
 function, forward only). Both work under torch.compile (their forward is a custom op with a fake
@@ -12,6 +12,10 @@ fp8 attention quantises q, k and v to float8_e4m3 with one scale per (image, hea
 the head's absolute maximum over its tokens and channels over 448, so nothing saturates, and FA3
 takes the inverse scales (`*_descale`) and returns the model's dtype. It is lossy: benchmarks/gpu.py
 measures it against bf16 by PSNR before anyone turns it on.
+
+diffusers' Flux module is imported when a processor is made, not with this module: the speed switches
+(fluxray.acceleration) import this one, and the CLI, the ingress and the job's driver import those
+without ever building a transformer (importing it costs ~3 s).
 """
 
 from __future__ import annotations
@@ -20,13 +24,6 @@ import importlib
 import importlib.util
 
 import torch
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttention,
-    FluxAttnProcessor,
-    _get_qkv_projections,
-    apply_rotary_emb,
-    dispatch_attention_fn,
-)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -51,16 +48,22 @@ def dequantize_heads(values: torch.Tensor, descale: torch.Tensor, dtype: torch.d
     return (values.float() * descale[:, None, :, None]).to(dtype)
 
 
-class FA3FluxProcessor(FluxAttnProcessor):
-    """FluxAttnProcessor whose attention is FlashAttention-3, bf16 or fp8 q/k/v (see the module).
+class FA3FluxProcessor:
+    """diffusers' FluxAttnProcessor with its attention made by FlashAttention-3, bf16 or fp8 q/k/v (see
+    the module).
 
     `kernel` is the FA3 `flash_attn_func`; tests pass another function with its signature (q, k, v
     as (batch, tokens, heads, dim), softmax_scale, *_descale) to check the processor's own steps
     on machines without FA3. An attention mask (which FLUX.1 never passes) goes to diffusers'
     dispatcher instead."""
 
+    _attention_backend = None  # what diffusers sets on every processor (set_attention_backend)
+    _parallel_config = None
+
     def __init__(self, fp8: bool = False, kernel=None):
-        super().__init__()
+        from diffusers.models.transformers import transformer_flux
+
+        self.flux = transformer_flux  # its helpers, step for step as FluxAttnProcessor calls them
         self.fp8 = fp8
         if kernel is None:
             name = fa3_interface_name()
@@ -83,14 +86,15 @@ class FA3FluxProcessor(FluxAttnProcessor):
 
     def __call__(
         self,
-        attn: FluxAttention,
+        attn,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # diffusers 0.42.1's FluxAttnProcessor.__call__, step for step, with the attention call swapped.
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        flux = self.flux
+        query, key, value, encoder_query, encoder_key, encoder_value = flux._get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -104,12 +108,12 @@ class FA3FluxProcessor(FluxAttnProcessor):
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query = flux.apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = flux.apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         if attention_mask is None:
             hidden_states = self.attend(query, key, value)
         else:
-            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+            hidden_states = flux.dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -124,7 +128,7 @@ class FA3FluxProcessor(FluxAttnProcessor):
 def use_fa3(model, fp8: bool = False, kernel=None) -> int:
     """Give every FluxAttention layer of `model` an FA3FluxProcessor; returns how many."""
     processor = FA3FluxProcessor(fp8=fp8, kernel=kernel)
-    layers = [m for m in model.modules() if isinstance(m, FluxAttention)]
+    layers = [m for m in model.modules() if isinstance(m, processor.flux.FluxAttention)]
     for layer in layers:
         layer.set_processor(processor)
     return len(layers)
