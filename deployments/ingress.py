@@ -20,11 +20,11 @@ from pathlib import Path
 from fastapi import FastAPI, Header, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import fluxray
+from deployments.admission import admit
 from deployments.async_jobs import TERMINAL, AsyncJobs, public
 from deployments.config import AppConfig, served_models
 from deployments.edit_body import read_edit_body
@@ -36,7 +36,6 @@ from deployments.job_store import JobStoreUnavailable, open_store
 from deployments.metrics import IngressMetrics
 from deployments.object_store import ObjectStore
 from deployments.protocol import (
-    PARAM_OF_FIELD,
     ErrorResponse,
     ImageData,
     ImageEditRequest,
@@ -48,16 +47,13 @@ from deployments.protocol import (
     LoraList,
     ModelCard,
     ModelList,
-    to_generation_params,
 )
-from deployments.scheduler import OverTokenBudget, request_shape
 from deployments.vae_decoder import DecodedImages
 from deployments.warmup import warm_graph
 from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from fluxray.editing import (
     EditError,
     EditInputs,
-    EditParams,
     default_size,
     edit_method,
     fit_size,
@@ -67,7 +63,7 @@ from fluxray.editing import (
 )
 from fluxray.images import MEDIA_TYPES, InputImageError, image_sha256
 from fluxray.lora import LoraRegistry
-from fluxray.params import GenerationParams, describe_validation_error, parse_size
+from fluxray.params import GenerationParams, parse_size
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import PromptLength
 
@@ -258,86 +254,15 @@ class Ingress:
         request: ImageGenerationRequest,
         model: str,
         size: str | None = None,
-        kind: type = GenerationParams,
+        edit: bool = False,
         reference: tuple[int, int] | None = None,
     ) -> GenerationParams:
-        """The request's resolved params for `model`; `size` in place of the request's own when given
-        (an edit's default size comes from its image), `kind` EditParams for an edit, `reference` a Kontext
-        edit's reference size (height, width), whose tokens join every row."""
-        spec = self.specs[model]
-        if spec.edit == "fill" and kind is not EditParams:
-            raise APIError(
-                400,
-                f"model: {model} (FLUX.1 Fill) only fills a masked image; send it to /v1/images/edits",
-                "model",
-            )
-        if request.response_format == "url" and self.store is None:
-            raise APIError(
-                400,
-                "response_format: url needs an object store, and none is configured; use b64_json",
-                "response_format",
-            )
-        limit = self.config.max_prompt_chars
-        for name in ("prompt", "prompt_2", "negative_prompt"):
-            text = getattr(request, name)
-            if text is not None and len(text) > limit:
-                raise APIError(
-                    422, f"{name}: {len(text)} characters; this server takes at most {limit}", name, code="too_long"
-                )
-        try:
-            fields = to_generation_params(request, self.config.default_size, size).model_dump(exclude_unset=True)
-            if kind is EditParams:
-                fields["strength"] = request.strength
-            params = kind(**fields).resolve(spec)
-        except ValidationError as error:
-            param = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else None
-            message = describe_validation_error(error, PARAM_OF_FIELD)
-            raise APIError(400, message, PARAM_OF_FIELD.get(param, param)) from None
-        except ValueError as error:
-            raise APIError(400, f"size: {error}", "size") from None
-        self._check_loras(params)
-        passes = 2 if params.do_true_cfg else 1
-        work = params.n * params.width * params.height * params.num_inference_steps * passes
-        if work > self.config.max_pixel_steps:
-            raise APIError(
-                422,
-                f"n x width x height x num_inference_steps{' x 2 (true CFG)' if passes == 2 else ''} = {work} "
-                f"is over this server's budget of {self.config.max_pixel_steps}; ask for fewer, smaller or "
-                "shorter-running images",
-                None,
-                code="pixel_budget_exceeded",
-            )
-        # The same shape and split the Denoiser computes (deployments.scheduler.request_shape).
-        shape = request_shape(params, spec.max_sequence_length, reference)
-        try:
-            shape.parts(params.n, self.config.denoiser_max_batch_tokens, self.config.denoiser_max_batch_images)
-        except OverTokenBudget as over:
-            raise APIError(
-                422,
-                f"size: one {params.width}x{params.height} image is {over.tokens} transformer tokens "
-                f"({shape.describe()}), over this server's denoiser_max_batch_tokens of {over.budget}; "
-                "ask for a smaller image",
-                "size",
-                code="batch_token_budget_exceeded",
-            ) from None
-        return params
-
-    def _check_loras(self, params: GenerationParams) -> None:
-        """Every LoRA a request names is one of the server's (404 naming it), within its count."""
-        known = self.lora_registry.files
-        for lora in params.loras:
-            if lora.name not in known:
-                raise APIError(
-                    404,
-                    f"loras: unknown LoRA {lora.name[:200]!r}; GET /v1/loras lists this server's",
-                    "loras",
-                    "not_found_error",
-                    code="lora_not_found",
-                )
-        if len(params.loras) > self.config.max_loras_per_request:
-            raise APIError(
-                400, f"loras: at most {self.config.max_loras_per_request} per request on this server", "loras"
-            )
+        """The request's resolved params for `model`, through every admission check (deployments.admission);
+        `size` in place of the request's own when given (an edit's default size comes from its image),
+        `edit` for an edit (EditParams), `reference` a Kontext edit's reference size (height, width), whose
+        tokens join every row."""
+        spec, known, has_store = self.specs[model], self.lora_registry.files, self.store is not None
+        return admit(request, model, spec, self.config, known, has_store, size, edit, reference)
 
     async def _generate(
         self, params: GenerationParams, model: str, edit: EditInputs | None = None, extra: dict | None = None
@@ -428,7 +353,7 @@ class Ingress:
         if method == "kontext":  # the Denoiser's reference: prepare_edit's resize, through the VAE's 8x
             ref_w, ref_h = reference_size(spec, image.width, image.height)
             reference = (ref_h, ref_w)
-        params = self._params(fields, model, size, EditParams, reference)
+        params = self._params(fields, model, size, edit=True, reference=reference)
         inputs = await loop.run_in_executor(None, prepare_edit, spec, method, image, mask, params.width, params.height)
         extra = {"edit": method, "strength": params.strength, "image_sha256": image_sha256(image)}
         if mask is not None:

@@ -1,7 +1,7 @@
 """A request's transformer shape and tokens (deployments.scheduler.request_shape), in-process (no cluster):
 each component counted, the Kontext reference's tokens equal to what the VAE encoder and the Denoiser build,
-and the ingress's 422 and the Denoiser's split agreeing at the token budget's edge (admitted at exactly the
-budget, refused one patch row over)."""
+and the ingress's 422 (deployments.admission) and the Denoiser's split agreeing at the token budget's
+edge (admitted at exactly the budget, refused one patch row over)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from deployments import admission
 from deployments.config import AppConfig
 from deployments.denoiser import DenoiserDeployment
 from deployments.errors import APIError
-from deployments.ingress import Ingress
 from deployments.protocol import ImageEditRequest, ImageGenerationRequest
 from deployments.scheduler import OverTokenBudget, request_shape, tokens
 from deployments.text_encoder import EncodedPrompt
 from fluxray.editing import EditParams, prepare_edit, reference_size
-from fluxray.lora import LoraRegistry
 from fluxray.params import GenerationParams
 from fluxray.sources import resolve_model
 from fluxray.specs import SPECS
@@ -96,21 +95,10 @@ def test_the_reference_tokens_are_those_the_vae_encoder_makes(vae_encoder, size)
     assert vae_encoder.encode(inputs).reference_shape == (ref_h, ref_w)
 
 
-class _Checks:
-    """The Ingress class's request checks without its deployment (or its ASGI wrapper): specs, config and
-    LoRA registry only."""
-
-    _params = Ingress.func_or_class._params
-    _check_loras = Ingress.func_or_class._check_loras
-
-    def __init__(self, budget: int):
-        self.config = AppConfig(model="tiny", models=["tiny-kontext"], denoiser_max_batch_tokens=budget)
-        self.specs = {name: SPECS[name] for name in ("tiny", "tiny-kontext")}
-        self.lora_registry = LoraRegistry(None, {})
-
-
-def ingress(budget: int = BUDGET) -> _Checks:
-    return _Checks(budget)
+def admit(request, model: str, edit: bool = False, reference=None, budget: int = BUDGET):
+    """The ingress's checks (deployments.admission.admit) under the local config's budgets."""
+    config = AppConfig(model="tiny", models=["tiny-kontext"], denoiser_max_batch_tokens=budget)
+    return admission.admit(request, model, SPECS[model], config, edit=edit, reference=reference)
 
 
 def denoiser(model: str, budget: int = BUDGET) -> DenoiserDeployment:
@@ -131,12 +119,12 @@ def test_the_issue_kontext_case_is_refused_at_the_ingress_naming_size_tokens_and
     reference = reference_size(KONTEXT, 256, 256)[::-1]
     request = ImageEditRequest(prompt="make it blue", model="tiny-kontext", size="1472x1024")
     with pytest.raises(APIError) as refused:
-        ingress()._params(request, "tiny-kontext", None, EditParams, reference)
+        admit(request, "tiny-kontext", edit=True, reference=reference)
     error = refused.value
     assert (error.status, error.param, error.code) == (422, "size", "batch_token_budget_exceeded")
     assert "6208" in error.message and "6144" in error.message and "256 reference" in error.message
     # Without the reference (the old check) it fitted: 5888 + 64 tokens.
-    assert ingress()._params(request, "tiny-kontext", None, EditParams).width == 1472
+    assert admit(request, "tiny-kontext", edit=True).width == 1472
 
 
 @pytest.mark.parametrize(
@@ -162,7 +150,6 @@ def test_the_ingress_and_the_denoiser_agree_at_the_budget_edge(text_encoder, vae
     encoded = EncodedPrompt(text_encoder.encode(["a red cube"]), negative, 0.0)
     assert encoded.embeds.sequence.shape[1] == spec.max_sequence_length  # the text tokens the ingress counts
     deployment = denoiser(model)
-    front = ingress()
     for (width, height), admitted in ((fits, True), (over, False)):
         extra = {"negative_prompt": "blur", "true_cfg_scale": 2.0} if cfg else {}
         request = (ImageEditRequest if kind is EditParams else ImageGenerationRequest)(
@@ -170,14 +157,14 @@ def test_the_ingress_and_the_denoiser_agree_at_the_budget_edge(text_encoder, vae
         )
         shape = request_shape(params(width, height, cfg, kind=kind, spec=spec), TEXT, reference)
         if admitted:
-            resolved = front._params(request, model, None, kind, reference)
+            resolved = admit(request, model, kind is EditParams, reference)
             jobs = submit(deployment, encoded, resolved, edit)
             assert [job.units for job in jobs] == [shape.image_units] and jobs[0].shape == shape.shape
             for job in jobs:
                 deployment.scheduler.remove(job)
         else:
             with pytest.raises(APIError) as refused:
-                front._params(request, model, None, kind, reference)
+                admit(request, model, kind is EditParams, reference)
             assert refused.value.param == "size" and str(shape.image_units) in refused.value.message
             with pytest.raises(OverTokenBudget):
                 submit(deployment, encoded, params(width, height, cfg, kind=kind, spec=spec), edit)
