@@ -47,7 +47,8 @@ class AppConfig(BaseModel):
     lora_root: str | None = Field(
         default=None,
         description="Directory or s3:// prefix of LoRA files (*.safetensors, each named by its stem) that "
-        "requests may name; requests never give paths or URLs. Files on S3 are fetched when first used.",
+        "requests may name; requests never give paths or URLs. Files on S3 are fetched when first used. "
+        "`tiny`: the embedded tiny model's adapters (style, subject).",
     )
     loras: dict[str, str] = Field(default_factory=dict, description="More LoRAs by name: {name: path or s3:// URI}.")
     max_loras_per_request: int = Field(

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fluxray.sources import PICKLE_SUFFIXES, refuse_pickle
+from fluxray.sources import EMBEDDED_LORA_ROOTS, PICKLE_SUFFIXES, refuse_pickle
 from fluxray.storage import S3FileError, S3Folder
 
 MAX_LORAS_PER_ROW = 4
@@ -423,7 +423,7 @@ def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
 
 class LoraRegistry:
     """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem; a
-    directory or an s3:// prefix) and the `files` given by name (paths or s3:// URIs). Requests name adapters;
+    directory, an s3:// prefix, or `tiny` for the embedded tiny model's) and the `files` given by name (paths or s3:// URIs). Requests name adapters;
     they never point at files or URLs. A file on S3 is fetched into a local cache when first needed (`path`)."""
 
     def __init__(
@@ -438,7 +438,8 @@ class LoraRegistry:
             except S3FileError as error:
                 raise LoraError(f"lora_root {error}") from None
         elif root:
-            folder = Path(root)
+            # An embedded model's name is its adapters (`tiny`: fluxray/tiny_loras/); `./tiny` is a directory.
+            folder = EMBEDDED_LORA_ROOTS.get(str(root), Path(root))
             if not folder.is_dir():
                 raise LoraError(f"lora_root {root}: no such directory")
             self.files.update({p.stem: str(p) for p in sorted(folder.glob("*.safetensors"))})

@@ -37,6 +37,8 @@ EMBEDDED_MODELS = {
     "tiny-fill": TINY_MODEL_DIR.parent / "tiny_fill",
     "tiny-kontext": TINY_MODEL_DIR.parent / "tiny_kontext",
 }
+# The embedded LoRAs, by the embedded model they fit: `lora_root: tiny` (scripts/make_tiny_loras.py made them).
+EMBEDDED_LORA_ROOTS = {"tiny": TINY_MODEL_DIR.parent / "tiny_loras"}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

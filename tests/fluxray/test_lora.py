@@ -210,3 +210,25 @@ def test_a_quantized_transformer_takes_loras_each_row_its_own_delta(quantize, lo
     params = GenerationParams(prompt=PROMPT, seed=5, loras=[{"name": "style", "scale": 1.0}], **KW)
     plain = quantized.generate(params.model_copy(update={"loras": ()}))[0]
     assert max_pixel_diff(quantized.generate(params)[0].pixels, plain.pixels) > 4
+
+
+def test_the_embedded_loras_are_what_the_script_makes_and_the_registry_names_them(tiny_loras):
+    """fluxray/tiny_loras/ (what `lora_root: tiny` serves, make serve's config) holds the script's two
+    adapters, tensor for tensor with their adapter metadata; a directory named like it is still a directory."""
+    from safetensors import safe_open
+
+    from fluxray.lora import LoraRegistry
+    from fluxray.sources import EMBEDDED_LORA_ROOTS
+
+    registry = LoraRegistry("tiny")
+    assert registry.names() == ["style", "subject"]
+    for name in registry.names():
+        shipped, made = registry.path(name), tiny_loras / f"{name}.safetensors"
+        assert shipped.parent == EMBEDDED_LORA_ROOTS["tiny"]
+        with safe_open(str(shipped), "pt") as a, safe_open(str(made), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys()) and a.metadata() == b.metadata()
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    assert LoraRegistry(str(tiny_loras)).names() == ["ink-kohya", "ink-xlabs", "style", "subject"]
+    with pytest.raises(LoraError, match="no such directory"):
+        LoraRegistry("./tiny")
