@@ -38,8 +38,8 @@ from reporting import write_report  # noqa: E402 - benchmarks/ is the script's o
 from serve_load import BenchCluster, fluxray_config, free_port  # noqa: E402
 
 from deployments.denoiser import DenoiserDeployment  # noqa: E402
+from deployments.messages import EncodedPrompt  # noqa: E402
 from deployments.scheduler import Job, simulate  # noqa: E402
-from deployments.text_encoder import EncodedPrompt  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.sources import resolve_model  # noqa: E402
 from fluxray.text_encoding import TextEncoder  # noqa: E402

@@ -20,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from ray import serve
 
 from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
+from deployments.messages import DenoisedLatents, EncodedPrompt
 from deployments.metrics import DenoiserMetrics
 from deployments.scheduler import Job, QueueFull, Scheduler, request_shape
-from deployments.text_encoder import EncodedPrompt
 from deployments.warmup import timed, warm_denoiser
 from fluxray.editing import EncodedEdit, edit_task
 from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
@@ -50,14 +50,6 @@ STICKY_ERRORS = (
 )
 
 
-@dataclass
-class DenoisedLatents:
-    """What the Denoiser hands the VAE: the request's packed latents (CPU) and its timings so far."""
-
-    latents: torch.Tensor
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: encode, queue, denoise
-
-
 @dataclass(eq=False)
 class _Work:
     """A Job's payload: the engine's state of its images and the future its request awaits; for a
@@ -71,20 +63,6 @@ class _Work:
 
 # Adapter sets a replica reports to Serve's router as held (model multiplexing, see `routed`).
 MULTIPLEXED_ADAPTER_SETS = 32
-
-
-def adapter_set_key(params: GenerationParams) -> str:
-    """The request's adapter set as one id, whatever the order and scales: 'loras:cat+ink'."""
-    return "loras:" + "+".join(sorted(lora.name for lora in params.loras))
-
-
-def routed(handle, params: GenerationParams):
-    """The Denoiser handle for a request: one with adapters is tagged with its adapter set (Serve's
-    multiplexed model id), so Serve's router prefers a replica that already holds those adapters and falls
-    back to the least loaded when that replica is busy."""
-    if not params.loras:
-        return handle
-    return handle.options(multiplexed_model_id=adapter_set_key(params))
 
 
 @serve.deployment(name="Denoiser")

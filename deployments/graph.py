@@ -10,9 +10,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.denoiser import routed
 from deployments.graph_runner import Launch, Streamed, StreamLaunch
-from deployments.vae_decoder import DecodeRequest
+from deployments.messages import DecodeRequest, routed
 from fluxray.editing import EditInputs
 from fluxray.images import image_metadata
 from fluxray.params import GenerationParams

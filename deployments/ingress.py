@@ -33,6 +33,7 @@ from deployments.graph import Graph
 from deployments.graph_runner import GraphRunner
 from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
 from deployments.job_store import JobStoreUnavailable, open_store
+from deployments.messages import DecodedImages
 from deployments.metrics import IngressMetrics
 from deployments.object_store import ObjectStore
 from deployments.protocol import (
@@ -48,7 +49,6 @@ from deployments.protocol import (
     ModelCard,
     ModelList,
 )
-from deployments.vae_decoder import DecodedImages
 from deployments.warmup import warm_graph
 from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from fluxray.editing import (

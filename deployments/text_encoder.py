@@ -8,26 +8,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.messages import EncodedPrompt
 from deployments.metrics import StageMetrics
 from deployments.warmup import timed, warm_text_encoder
 from fluxray.embeds import PromptEmbeds
 from fluxray.runtime import stage_runtime
 from fluxray.text_encoding import TextEncoder
-
-
-@dataclass
-class EncodedPrompt:
-    """What the denoiser needs of a request's text: its embeddings and, for true CFG, the negative's."""
-
-    embeds: PromptEmbeds  # one row, on the CPU
-    negative: PromptEmbeds | None = None
-    encode_s: float = 0.0  # seconds this request spent in the encoder (batch wait included)
-
 
 Key = tuple[str, str | None]  # (prompt, prompt_2), or (negative_prompt, None)
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from ray import serve
 
 from deployments.config import AppConfig
-from deployments.denoiser import DenoisedLatents
+from deployments.messages import DecodedImages, DecodeRequest, DenoisedLatents
 from deployments.metrics import StageMetrics
 from deployments.warmup import timed, warm_vae_decoder
 from fluxray.images import encode_image
@@ -22,22 +20,6 @@ from fluxray.preview import fit_projection
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import group_by_size
 from fluxray.vae import VAEDecoder
-
-
-@dataclass
-class DecodeRequest:
-    height: int
-    width: int
-    output_format: str
-    metadata: list[dict[str, Any]]  # one per image, embedded in its file
-
-
-@dataclass
-class DecodedImages:
-    """The graph's result: one encoded file per image, and the request's seconds in each stage."""
-
-    files: list[bytes]
-    timings: dict[str, float]
 
 
 @serve.deployment(name="VAEDecoder")

@@ -423,8 +423,9 @@ def wrap_targets(transformer: nn.Module, adapter: LoraAdapter) -> None:
 
 class LoraRegistry:
     """The adapters a server may load, by name: each `*.safetensors` directly in `root` (named by its stem; a
-    directory, an s3:// prefix, or `tiny` for the embedded tiny model's) and the `files` given by name (paths or s3:// URIs). Requests name adapters;
-    they never point at files or URLs. A file on S3 is fetched into a local cache when first needed (`path`)."""
+    directory, an s3:// prefix, or `tiny` for the embedded tiny model's) and the `files` given by name (paths
+    or s3:// URIs). Requests name adapters; they never point at files or URLs. A file on S3 is fetched into a
+    local cache when first needed (`path`)."""
 
     def __init__(
         self, root: str | Path | None = None, files: dict[str, str] | None = None, endpoint_url: str | None = None

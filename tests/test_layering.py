@@ -66,3 +66,37 @@ def test_the_engine_never_imports_ray_and_the_apps_never_import_each_other():
             for node in ast.walk(tree):
                 for target in imported(node):
                     assert target.split(".")[0] not in forbidden, f"{name} imports {target}"
+
+
+# The Serve stages: each hands the next what deployments.messages defines, never importing another stage,
+# and none imports the HTTP side (the ingress and what only it uses).
+STAGES = {
+    "deployments.text_encoder",
+    "deployments.denoiser",
+    "deployments.vae_encoder",
+    "deployments.vae_decoder",
+}
+HTTP_SIDE = {
+    "deployments.ingress",
+    "deployments.admission",
+    "deployments.protocol",
+    "deployments.edit_body",
+    "deployments.guard",
+    "deployments.async_jobs",
+    "deployments.webhooks",
+}
+
+
+def test_stages_import_no_other_stage_and_nothing_of_the_http_side():
+    found = []
+    for name, tree in modules("deployments").items():
+        if name not in STAGES:
+            continue
+        for node in ast.walk(tree):
+            for target in imported(node):
+                if target in (STAGES | HTTP_SIDE) - {name}:
+                    found.append(f"{name} imports {target}")
+    assert found == []
+    # And the ingress reaches the stages' types through deployments.messages, not through a stage module.
+    ingress = modules("deployments")["deployments.ingress"]
+    assert not {t for node in ast.walk(ingress) for t in imported(node)} & STAGES

@@ -142,9 +142,7 @@ def test_positions_come_down_as_the_jobs_ahead_finish(cluster):
     for side in (128, 192, 256):
         body = {"prompt": "a red circle", "size": f"{side}x{side}", "num_inference_steps": 2, "seed": 1}
         assert httpx.post(f"{cluster.url}/v1/images/generations", json=body, timeout=60).status_code == 200
-    jobs = [
-        create(cluster.url, size=f"{side}x{side}", num_inference_steps=200, seed=side).json() for side in (128, 192, 256)
-    ]
+    jobs = [create(cluster.url, size=f"{s}x{s}", num_inference_steps=200, seed=s).json() for s in (128, 192, 256)]
     stream = events(cluster.url, jobs[2]["id"])
     positions = [e["data"]["position"] for e in stream if e["event"] == "queued"]
     records = [httpx.get(f"{cluster.url}{JOBS}/{job['id']}", timeout=30).json() for job in jobs]

@@ -13,8 +13,8 @@ import torch
 
 import deployments.denoiser as denoiser_module
 from deployments.denoiser import DenoiserDeployment
+from deployments.messages import EncodedPrompt
 from deployments.scheduler import QueueFull
-from deployments.text_encoder import EncodedPrompt
 from fluxray.params import GenerationParams
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import TextEncoder

@@ -13,8 +13,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.errors import APIError
 from deployments.graph_runner import GraphRunner, Streamed, replica_lost
+from deployments.messages import DecodedImages
 from deployments.scheduler import OverTokenBudget, QueueFull
-from deployments.vae_decoder import DecodedImages
 from fluxray.lora import LoraError
 
 

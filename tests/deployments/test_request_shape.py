@@ -15,9 +15,9 @@ from deployments import admission
 from deployments.config import AppConfig
 from deployments.denoiser import DenoiserDeployment
 from deployments.errors import APIError
+from deployments.messages import EncodedPrompt
 from deployments.protocol import ImageEditRequest, ImageGenerationRequest
 from deployments.scheduler import OverTokenBudget, request_shape, tokens
-from deployments.text_encoder import EncodedPrompt
 from fluxray.editing import EditParams, prepare_edit, reference_size
 from fluxray.params import GenerationParams
 from fluxray.sources import resolve_model
