@@ -36,7 +36,7 @@ from fluxray.lora_cache import HostCache, LoraResidency, make_room
 from fluxray.params import GenerationParams, parse_size
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
-from fluxray.sampling import denoise_step, denoise_task, image_ids, text_ids
+from fluxray.sampling import DenoiseTask, denoise_step, denoise_task, image_ids, text_ids
 from fluxray.transformer import load_transformer
 
 # Errors after which a CUDA context is unusable: every later call on it fails too.
@@ -55,7 +55,7 @@ class _Work:
     """A Job's payload: the engine's state of its images and the future its request awaits; for a
     streamed request (denoise_stream), the queue its step loop reports to."""
 
-    task: object  # fluxray.sampling.DenoiseTask
+    task: DenoiseTask  # the engine's state of the request's images (latents, schedule, step)
     future: asyncio.Future
     cancelled: bool = False
     watch: asyncio.Queue | None = None  # gets None after every step that may change what it reports
@@ -68,16 +68,16 @@ MULTIPLEXED_ADAPTER_SETS = 32
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
     def __init__(self, config: dict):
-        self.args = AppConfig.model_validate(config)
-        self.config = self.args  # with the user_config's settings over it (reconfigure)
+        self.base_config = AppConfig.model_validate(config)  # the app's args, as deployed
+        self.config = self.base_config  # with the user_config's settings over it (reconfigure)
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         # LoRAs: loaded on first use in a thread of their own (the step loop goes on meanwhile), kept up to
         # max_resident_loras, least recently used evicted once no request holds it.
         self.lora_registry = LoraRegistry(self.config.lora_root, self.config.loras)
         slots = None
         if self.lora_registry:
-            config = self.config
-            slots = LoraSlots(config.max_loras_per_request, config.max_lora_rank, config.max_resident_loras)
+            options = self.config
+            slots = LoraSlots(options.max_loras_per_request, options.max_lora_rank, options.max_resident_loras)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed, slots)
         self.lora_bank = getattr(self.transformer, "fluxray_loras", None)
         if self.config.warm_up:
@@ -112,13 +112,14 @@ class DenoiserDeployment:
         self.unhealthy: str | None = None
         self.last_progress = time.monotonic()
         self.metrics = DenoiserMetrics()
+        self._preemptions_seen = 0  # the scheduler's preemption count already added to the metric
 
     def reconfigure(self, user_config: dict | None) -> None:
         """Serve's user_config, applied in place (at start and on every change of it in the serve
         config): the scheduling policy, its aging bound, the admission bound and the images per
         transformer call (deployments.config.DENOISER_TUNABLE). Requests in flight keep their latents;
         the next step boundary already follows the new settings."""
-        self.config = tuned(self.args, user_config)
+        self.config = tuned(self.base_config, user_config)
         self.scheduler.policy = self.config.scheduler
         self.scheduler.max_slowdown = self.config.max_slowdown
         self.scheduler.max_batch_images = self.config.denoiser_max_batch_images
@@ -352,8 +353,6 @@ class DenoiserDeployment:
         if preempted > self._preemptions_seen:
             self.metrics.preemptions.inc(preempted - self._preemptions_seen)
             self._preemptions_seen = preempted
-
-    _preemptions_seen = 0
 
     def _fail(self, job: Job, error: BaseException) -> None:
         self.scheduler.remove(job)
