@@ -11,9 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
-from fluxray.acceleration import SpeedOptions
 from fluxray.editing import MAX_INPUT_PIXELS
 from fluxray.params import MAX_LORAS, MAX_PROMPT_CHARS, parse_size
+from fluxray.runtime import RuntimeOptions
 
 
 class ObjectStoreConfig(BaseModel):
@@ -28,12 +28,12 @@ class ObjectStoreConfig(BaseModel):
     url_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs.")
 
 
-class AppConfig(BaseModel):
-    """Settings shared by the deployments of one fluxray application."""
+class AppConfig(RuntimeOptions):
+    """Settings shared by the deployments of one fluxray application: what each replica runs
+    (fluxray.runtime.RuntimeOptions: model, device, dtype, threads, LoRA registry, speed) and the rest."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default="tiny", description="Model source: tiny, flux-dev, a path, a repo id, random:<spec>.")
     served_model_name: str | None = Field(
         default=None, description="Name clients use in `model`; the spec's name (tiny, flux-dev, ...) when unset."
     )
@@ -44,32 +44,15 @@ class AppConfig(BaseModel):
         "run by a Denoiser deployment of its own (Denoiser-<name>); they share `model`'s TextEncoder and VAE, so "
         "their text encoders and VAE must be the same weights. A request picks one with `model`.",
     )
-    lora_root: str | None = Field(
-        default=None,
-        description="Directory or s3:// prefix of LoRA files (*.safetensors, each named by its stem) that "
-        "requests may name; requests never give paths or URLs. Files on S3 are fetched when first used. "
-        "`tiny`: the embedded tiny model's adapters (style, subject).",
-    )
     loras: dict[str, str] = Field(default_factory=dict, description="More LoRAs by name: {name: path or s3:// URI}.")
     max_loras_per_request: int = Field(
         default=MAX_LORAS, ge=1, le=MAX_LORAS, description="Adapters one request may combine."
-    )
-    max_lora_rank: int = Field(
-        default=64, ge=1, le=1024, description="Largest LoRA rank; every row is padded to it (no recompiles)."
-    )
-    max_resident_loras: int = Field(
-        default=8, ge=1, description="Adapters each Denoiser replica keeps loaded, least recently used evicted."
     )
     lora_host_cache_bytes: int = Field(
         default=4 << 30,
         ge=0,
         description="Host memory per Denoiser replica for adapters evicted from the device (brought back by a copy).",
     )
-    device: str = Field(default="auto", description="auto (CUDA when the replica has a GPU), cpu, cuda.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: bfloat16 on GPUs, float32 on CPUs."
-    )
-    torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per replica.")
     default_size: str = Field(default="1024x1024", description="Size used when a request sends none or 'auto'.")
     warm_up: bool = Field(
         default=True,
@@ -204,16 +187,6 @@ class AppConfig(BaseModel):
         default=1.0, gt=0, description="Wait before the second attempt; doubled before each next one."
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Seconds a webhook receiver has to answer.")
-    speed: SpeedOptions = Field(
-        default_factory=SpeedOptions,
-        description="Engine speed switches (compile, attention kernel, fused QKV, fp8/int8/nf4, VAE tiling, "
-        "T5 placement); each replica applies those of its stage. See fluxray.acceleration.",
-    )
-
-    @property
-    def runtime(self) -> tuple[str, str, str, int | None]:
-        """fluxray.runtime.stage_runtime's arguments: model, device, dtype, torch threads."""
-        return self.model, self.device, self.dtype, self.torch_threads
 
     @field_validator("default_size")
     @classmethod

@@ -19,8 +19,8 @@ from fluxray.acceleration import (
     resolve,
     speed_options_from_args,
 )
-from fluxray.lora import MAX_RANK
 from fluxray.params import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE
+from fluxray.runtime import RuntimeOptions
 from fluxray.usage import ArgumentParser, UsageError
 
 STAGES = ("encode", "denoise", "decode", "write")
@@ -44,14 +44,14 @@ def _stage(batch_size: int, cpus: float) -> Any:
     )
 
 
-class JobConfig(BaseModel):
-    """Everything `python -m jobs.generate` takes."""
+class JobConfig(RuntimeOptions):
+    """Everything `python -m jobs.generate` takes: what each stage actor runs (fluxray.runtime.RuntimeOptions:
+    model, device, dtype, threads, LoRA registry, speed) and the job's own options."""
 
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="File or prefix (local or s3://) of .jsonl/.csv/.parquet/.txt prompts.")
     output: str = Field(description="Directory or s3:// prefix for images/, metadata/ and manifest/.")
-    model: str = Field(default="tiny", description="tiny, flux-dev, flux-schnell, a path, random:<spec>.")
     width: int | None = Field(
         default=None, ge=MIN_SIDE, le=MAX_SIDE, description="Width of rows without one (the model's default size)."
     )
@@ -80,19 +80,7 @@ class JobConfig(BaseModel):
         le=20,
         description="Tries after the first for a batch whose worker died; then the batch is split to find the row.",
     )
-    device: str = Field(default="auto", description="auto (CUDA where a stage has a GPU), cpu, cuda.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: bfloat16 on GPUs, float32 on CPUs. Embeddings and latents travel in it."
-    )
-    torch_threads: int | None = Field(default=None, ge=1, description="torch CPU threads per stage actor.")
     progress_interval_s: float = Field(default=10.0, gt=0, description="Seconds between progress lines.")
-    lora_root: str | None = Field(
-        default=None,
-        description="Directory (on every node) or s3:// prefix of *.safetensors LoRAs that rows' `loras` name by stem.",
-    )
-    max_lora_rank: int = Field(default=64, ge=1, le=MAX_RANK, description="Highest LoRA rank a row may use.")
-    max_resident_loras: int = Field(default=8, ge=1, le=64, description="LoRAs a denoise actor keeps loaded.")
-    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="Engine speed switches.")
     # Defaults fit a 2-core laptop: the denoiser gets a whole CPU, the rest share what is left.
     encode: StageResources = _stage(32, 0.25)
     denoise: StageResources = _stage(8, 1.0)
