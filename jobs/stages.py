@@ -90,7 +90,8 @@ RECORD = [
     *TIMES,
 ]
 RECORD_SCHEMA = pa.schema(RECORD)
-ENCODED_SCHEMA = pa.schema([*RECORD, ("embeds", pa.binary()), ("edit", pa.binary())])
+# An edit row's encoded input: its latent distributions (safetensors bytes, pack_edit) and its method.
+ENCODED_SCHEMA = pa.schema([*RECORD, ("embeds", pa.binary()), ("edit", pa.binary()), ("edit_method", pa.string())])
 DENOISED_SCHEMA = pa.schema([*RECORD, ("latents", pa.binary())])
 # What an edit's metadata adds: its inputs (as the row named them), their pixels' sha256 and the strength.
 EDIT_RECORD = ("input_image", "input_mask", "strength", "image_sha256", "mask_sha256")
@@ -202,18 +203,17 @@ def read_input(uri: str, input_root: str, endpoint_url: str | None, field: str) 
 
 
 def pack_edit(encoded: EncodedEdit) -> bytes:
+    """An encoded edit's tensors as safetensors bytes (its method travels in the row's edit_method)."""
     tensors = {"image_moments": encoded.image_moments}
     if encoded.mask is not None:
         tensors["mask"] = encoded.mask
     if encoded.masked_moments is not None:
         tensors["masked_moments"] = encoded.masked_moments
-    return save_tensors({k: t.contiguous() for k, t in tensors.items()}, metadata={"method": encoded.method})
+    return save_tensors({k: t.contiguous() for k, t in tensors.items()})
 
 
-def unpack_edit(data: bytes) -> EncodedEdit:
+def unpack_edit(data: bytes, method: str) -> EncodedEdit:
     tensors = load_tensors(data)
-    # The method is in the safetensors header's __metadata__: its first 8 bytes give the header's length.
-    method = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["method"]
     return EncodedEdit(method, tensors["image_moments"], tensors.get("mask"), tensors.get("masked_moments"))
 
 
@@ -233,8 +233,9 @@ class EncodeStage:
         self.speed, self.input_root, self.endpoint_url = speed, input_root, endpoint_url
         self.image_encoder: VAEEncoder | None = None  # loaded with the first edit row
 
-    def _edit(self, row: dict) -> bytes:
-        """An edit row's input, read, checked and through the VAE's encoder (its sha256s set on the row)."""
+    def _edit(self, row: dict) -> tuple[bytes, str]:
+        """An edit row's input, read, checked and through the VAE's encoder (its sha256s set on the row):
+        the packed latent distributions and the edit's method."""
         spec = self.source.spec
         image_data = read_input(row["input_image"], self.input_root, self.endpoint_url, "image")
         mask_data = None
@@ -248,7 +249,7 @@ class EncodeStage:
         if self.image_encoder is None:
             self.image_encoder = VAEEncoder.load(self.source, self.device, self.dtype, self.speed)
         inputs = prepare_edit(spec, method, image, mask, int(row["width"]), int(row["height"]))
-        return pack_edit(self.image_encoder.encode(inputs))
+        return pack_edit(self.image_encoder.encode(inputs)), method
 
     def _encode(self, rows: list[dict]) -> None:
         embeds = self.encoder.encode([r["prompt"] for r in rows], [r["prompt_2"] for r in rows])
@@ -261,7 +262,7 @@ class EncodeStage:
                 j = cfg.index(k)
                 tensors |= {"neg_pooled": negatives.pooled[j], "neg_sequence": negatives.sequence[j]}
             row["embeds"] = save_tensors({name: t.to("cpu", self.dtype).contiguous() for name, t in tensors.items()})
-            row["edit"] = self._edit(row) if row["input_image"] is not None else None
+            row["edit"], row["edit_method"] = self._edit(row) if row["input_image"] is not None else (None, None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         started, rows = time.perf_counter(), table.to_pylist()
@@ -314,7 +315,7 @@ class DenoiseStage:
             negative = PromptEmbeds(tensors["neg_pooled"][None], tensors["neg_sequence"][None])
         params = params_of(row, self.output_format)
         if row["edit"] is not None:
-            edit = unpack_edit(row["edit"])
+            edit = unpack_edit(row["edit"], row["edit_method"])
             return edit_task(params, embeds, negative, edit, self.source.spec, self.device, self.dtype)
         return denoise_task(params, embeds, negative, self.source.spec, self.device, self.dtype)
 
