@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from reporting import write_report  # noqa: E402 - benchmarks/ is the script's own folder
 from serve_load import BenchCluster, fluxray_config, free_port  # noqa: E402
 
-from deployments.denoiser import DenoiserDeployment  # noqa: E402
-from deployments.messages import EncodedPrompt  # noqa: E402
-from deployments.scheduler import Job, simulate  # noqa: E402
+from deployments.stages.denoiser import DenoiserDeployment  # noqa: E402
+from deployments.stages.messages import EncodedPrompt  # noqa: E402
+from deployments.stages.request_scheduler import Job, simulate  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.sources import resolve_model  # noqa: E402
 from fluxray.text_encoding import TextEncoder  # noqa: E402

@@ -15,11 +15,11 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.config import AppConfig
-from deployments.denoiser import DenoiserDeployment
-from deployments.ingress import Ingress
-from deployments.text_encoder import TextEncoderDeployment
-from deployments.vae_decoder import VAEDecoderDeployment
-from deployments.vae_encoder import VAEEncoderDeployment
+from deployments.http.ingress import Ingress
+from deployments.stages.denoiser import DenoiserDeployment
+from deployments.stages.text_encoder import TextEncoderDeployment
+from deployments.stages.vae_decoder import VAEDecoderDeployment
+from deployments.stages.vae_encoder import VAEEncoderDeployment
 from fluxray.sources import resolve_model
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
+from deployments.http.guard import API_KEYS_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from fluxray.editing import MAX_INPUT_PIXELS
 from fluxray.params import MAX_LORAS, MAX_PROMPT_CHARS, parse_size
 from fluxray.runtime import RuntimeOptions

@@ -7,7 +7,7 @@ Serve counts it as start-up: the replica turns ready (and the app healthy) only 
 first user request runs as fast as the next one. Nothing here passes through the replica's caches,
 scheduler or metrics, so none of them count a warm-up.
 
-The ingress then makes the graph's first call itself (deployments.ingress), warming what is not a model:
+The ingress then makes the graph's first call itself (deployments.http.ingress), warming what is not a model:
 its handles to the stages, Serve's routers, the batching queues.
 """
 
@@ -84,7 +84,7 @@ async def warm_graph(runner, graph, specs: dict[str, ModelSpec], default_size: s
     """The graph's first call, from the ingress before it reports ready: one image of the default size,
     one step, through every stage of each served model (a generation for a base model, and an img2img
     edit on the default one, so the VAEEncoder's handle is warm too; an edit for Fill and Kontext).
-    Through the runner and the graph the routes use (GraphRunner, deployments.graph), not its metrics.
+    Through the runner and the graph the routes use (GraphRunner, deployments.http.graph), not its metrics.
     A warm-up that fails or runs past timeout_s is logged, and the replica starts anyway: the first
     request then pays what is left, and a stage that is broken answers it with its own error."""
     from PIL import Image

@@ -1,7 +1,7 @@
 """What `pip install .` brings covers every third-party import of the shipped packages.
 
 The test extras install more than a user gets, so an import that only the test extras satisfy passes
-the suite and fails a user's `make serve` (it did: deployments/webhooks.py imported httpx). This walks
+the suite and fails a user's `make serve` (it did: deployments/async_jobs/webhooks.py imported httpx). This walks
 the declared runtime requirements of the installed fluxray distribution (and what they require in
 turn, with the extras they name) and every import in fluxray/, deployments/ and jobs/. The as-shipped
 phase of the test command (tests/as_shipped) then proves it for real, in a venv with only the runtime

@@ -1,4 +1,4 @@
-"""The ingress's request checks (deployments.admission), with no cluster: each check refuses with the
+"""The ingress's request checks (deployments.http.admission), with no cluster: each check refuses with the
 status, code and field its docs promise, and admits at its limit. The token budget's edge against the
 Denoiser's own split is in test_request_shape.py; the same checks over HTTP in test_security.py and
 test_request_limits.py."""
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.admission import admit, budget_param, pixel_work
 from deployments.config import AppConfig
-from deployments.errors import APIError
-from deployments.protocol import ImageEditRequest, ImageGenerationRequest
+from deployments.http.admission import admit, budget_param, pixel_work
+from deployments.http.errors import APIError
+from deployments.http.protocol import ImageEditRequest, ImageGenerationRequest
 from fluxray.editing import EditParams
 from fluxray.specs import SPECS
 
@@ -70,7 +70,7 @@ def test_each_prompt_field_is_bounded_naming_it(field):
 
 @pytest.mark.parametrize("size", ["100x64", "48x64", "64x2064", "0x0"])
 def test_a_size_the_params_refuse_is_a_400_naming_size(size):
-    """The request model (deployments.protocol) checks each field's range and the size's pattern; the
+    """The request model (deployments.http.protocol) checks each field's range and the size's pattern; the
     params check the sides (multiples of 16, 64 to 2048)."""
     error = refused({"size": size, "num_inference_steps": 1})
     assert (error.status, error.param) == (400, "size") and error.message.startswith("size: "), error.message

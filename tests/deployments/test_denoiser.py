@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-import deployments.denoiser as denoiser_module
-from deployments.denoiser import DenoiserDeployment
-from deployments.messages import EncodedPrompt
-from deployments.scheduler import QueueFull
+import deployments.stages.denoiser as denoiser_module
+from deployments.stages.denoiser import DenoiserDeployment
+from deployments.stages.messages import EncodedPrompt
+from deployments.stages.request_scheduler import QueueFull
 from fluxray.params import GenerationParams
 from fluxray.sources import resolve_model
 from fluxray.text_encoding import TextEncoder

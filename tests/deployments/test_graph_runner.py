@@ -11,10 +11,10 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from deployments.errors import APIError
-from deployments.graph_runner import GraphRunner, Streamed, replica_lost
-from deployments.messages import DecodedImages
-from deployments.scheduler import OverTokenBudget, QueueFull
+from deployments.http.errors import APIError
+from deployments.http.graph_runner import GraphRunner, Streamed, replica_lost
+from deployments.stages.messages import DecodedImages
+from deployments.stages.request_scheduler import OverTokenBudget, QueueFull
 from fluxray.lora import LoraError
 
 
@@ -360,11 +360,11 @@ def test_any_other_failure_of_a_stream_is_raised_as_it_is_and_not_retried():
     assert len(graph.attempts) == 1 and graph.all_cancelled()
 
 
-# --- an async job over the runner (deployments.async_jobs, its graph faked) -------------------------------
+# --- an async job over the runner (deployments.async_jobs.jobs, its graph faked) -------------------------------
 
 
 class FakeGraph:
-    """deployments.graph.Graph's surface for AsyncJobs: launch_stream over StreamGraph's streams."""
+    """deployments.http.graph.Graph's surface for AsyncJobs: launch_stream over StreamGraph's streams."""
 
     def __init__(self, *streams: Stream):
         self.streams = StreamGraph(
@@ -378,8 +378,8 @@ class FakeGraph:
 
 def job_of(*streams: Stream, retries: int = 2) -> dict:
     """Submits one job over these streams and returns its record once it ended."""
-    from deployments.async_jobs import AsyncJobs
-    from deployments.job_store import MemoryJobStore
+    from deployments.async_jobs.jobs import AsyncJobs
+    from deployments.async_jobs.store import MemoryJobStore
     from fluxray.params import GenerationParams
 
     async def finish(params, files, response_format):

@@ -12,7 +12,7 @@ import time
 import pytest
 from local_cluster import free_port, wait_until
 
-from deployments.job_store import JobStoreUnavailable, MemoryJobStore, Patient, RedisJobStore
+from deployments.async_jobs.store import JobStoreUnavailable, MemoryJobStore, Patient, RedisJobStore
 
 PASSWORD = secrets.token_hex(8)
 

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from deployments.config import AppConfig
-from deployments.text_encoder import PromptCache, TextEncoderDeployment, lookup_or_encode
+from deployments.stages.text_encoder import PromptCache, TextEncoderDeployment, lookup_or_encode
 from fluxray.embeds import PromptEmbeds
 
 # A tiny-model entry: CLIP pooled (1, 32) + T5 (1, 64, 32), float32.

@@ -1,7 +1,7 @@
-"""A request's transformer shape and tokens (deployments.scheduler.request_shape), in-process (no cluster):
-each component counted, the Kontext reference's tokens equal to what the VAE encoder and the Denoiser build,
-and the ingress's 422 (deployments.admission) and the Denoiser's split agreeing at the token budget's
-edge (admitted at exactly the budget, refused one patch row over)."""
+"""A request's transformer shape and tokens (deployments.stages.request_scheduler.request_shape), in-process
+(no cluster): each component counted, the Kontext reference's tokens equal to what the VAE encoder and the
+Denoiser build, and the ingress's 422 (deployments.http.admission) and the Denoiser's split agreeing at the
+token budget's edge (admitted at exactly the budget, refused one patch row over)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments import admission
 from deployments.config import AppConfig
-from deployments.denoiser import DenoiserDeployment
-from deployments.errors import APIError
-from deployments.messages import EncodedPrompt
-from deployments.protocol import ImageEditRequest, ImageGenerationRequest
-from deployments.scheduler import OverTokenBudget, request_shape, tokens
+from deployments.http import admission
+from deployments.http.errors import APIError
+from deployments.http.protocol import ImageEditRequest, ImageGenerationRequest
+from deployments.stages.denoiser import DenoiserDeployment
+from deployments.stages.messages import EncodedPrompt
+from deployments.stages.request_scheduler import OverTokenBudget, request_shape, tokens
 from fluxray.editing import EditParams, prepare_edit, reference_size
 from fluxray.params import GenerationParams
 from fluxray.sources import resolve_model
@@ -96,7 +96,7 @@ def test_the_reference_tokens_are_those_the_vae_encoder_makes(vae_encoder, size)
 
 
 def admit(request, model: str, edit: bool = False, reference=None, budget: int = BUDGET):
-    """The ingress's checks (deployments.admission.admit) under the local config's budgets."""
+    """The ingress's checks (deployments.http.admission.admit) under the local config's budgets."""
     config = AppConfig(model="tiny", models=["tiny-kontext"], denoiser_max_batch_tokens=budget)
     return admission.admit(request, model, SPECS[model], config, edit=edit, reference=reference)
 

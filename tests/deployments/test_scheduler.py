@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from deployments.scheduler import Job, Scheduler, StepCosts, retry_after, simulate, split_images, tokens
+from deployments.stages.request_scheduler import Job, Scheduler, StepCosts, retry_after, simulate, split_images, tokens
 
 SMALL = (256, 256, 64)  # 256 image tokens + 64 text tokens = 320
 LARGE = (512, 512, 64)  # 1024 + 64 = 1088

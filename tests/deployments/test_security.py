@@ -149,7 +149,7 @@ def test_prompt_over_the_configured_length_is_422_naming_it(cluster, field):
     ],
 )
 def test_pixel_budget(cluster, body, refused_as):
-    """Admitted up to the budget; over it a 422 naming the factor the client raised (deployments.admission)."""
+    """Admitted up to the budget; over it a 422 naming the factor the client raised (deployments.http.admission)."""
     r = httpx.post(cluster.guarded_url + GEN, json={"prompt": "a cat", **body}, headers=GUARDED_AUTH, timeout=120)
     if refused_as is None:
         assert r.status_code == 200, r.text

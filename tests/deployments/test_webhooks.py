@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from standardwebhooks import Webhook
 
-from deployments.errors import APIError
-from deployments.webhooks import RefusedTarget, WebhookPolicy, WebhookSender, sign, validate_webhook
+from deployments.async_jobs.webhooks import RefusedTarget, WebhookPolicy, WebhookSender, sign, validate_webhook
+from deployments.http.errors import APIError
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
 

@@ -1,5 +1,5 @@
 """Denoiser deployment: the transformer, stepping the requests in flight in the order the scheduler
-decides (deployments.scheduler: srpt or fifo, budgets in tokens).
+decides (deployments.stages.request_scheduler: srpt or fifo, budgets in tokens).
 
 Requests join whenever they arrive and leave when their last step is done (continuous batching):
 each keeps its own seed, schedule, step index, guidance and true-CFG scale, because the engine's
@@ -26,9 +26,9 @@ import torch
 from ray import serve
 
 from deployments.config import DENOISER_TUNABLE, AppConfig, tuned
-from deployments.messages import DenoisedLatents, EncodedPrompt
 from deployments.metrics import DenoiserMetrics
-from deployments.scheduler import Job, QueueFull, Scheduler, request_shape
+from deployments.stages.messages import DenoisedLatents, EncodedPrompt
+from deployments.stages.request_scheduler import Job, QueueFull, Scheduler, request_shape
 from deployments.warmup import timed, warm_denoiser
 from fluxray.editing import EncodedEdit, edit_task
 from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
@@ -253,7 +253,7 @@ class DenoiserDeployment:
         if self.loop_task is None or self.loop_task.done():
             self.wakeup = asyncio.Event()
             self.loop_task = loop.create_task(self._run())
-        # The shape the ingress checked (deployments.scheduler.request_shape): Kontext's reference tokens
+        # The shape the ingress checked (deployments.stages.request_scheduler.request_shape): Kontext's reference tokens
         # are part of every row.
         request = request_shape(
             params,

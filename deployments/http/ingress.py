@@ -24,19 +24,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import fluxray
-from deployments.admission import admit
-from deployments.async_jobs import TERMINAL, AsyncJobs, public
+from deployments.async_jobs.jobs import TERMINAL, AsyncJobs, public
+from deployments.async_jobs.store import JobStoreUnavailable, open_store
+from deployments.async_jobs.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from deployments.config import AppConfig, served_models
-from deployments.edit_body import read_edit_body
-from deployments.errors import ERRORS, APIError, install_error_handlers
-from deployments.graph import Graph
-from deployments.graph_runner import GraphRunner
-from deployments.guard import ApiKeys, GuardPolicy, RequestGuard
-from deployments.job_store import JobStoreUnavailable, open_store
-from deployments.messages import DecodedImages
-from deployments.metrics import IngressMetrics
-from deployments.object_store import ObjectStore
-from deployments.protocol import (
+from deployments.http.admission import admit
+from deployments.http.edit_body import read_edit_body
+from deployments.http.errors import ERRORS, APIError, install_error_handlers
+from deployments.http.graph import Graph
+from deployments.http.graph_runner import GraphRunner
+from deployments.http.guard import ApiKeys, GuardPolicy, RequestGuard
+from deployments.http.object_store import ObjectStore
+from deployments.http.protocol import (
     ErrorResponse,
     ImageData,
     ImageEditRequest,
@@ -49,8 +48,9 @@ from deployments.protocol import (
     ModelCard,
     ModelList,
 )
+from deployments.metrics import IngressMetrics
+from deployments.stages.messages import DecodedImages
 from deployments.warmup import warm_graph
-from deployments.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from fluxray.editing import (
     EditError,
     EditInputs,
@@ -109,7 +109,7 @@ def sse(event: dict) -> str:
 
 logger = logging.getLogger("ray.serve")
 
-# /v1/images/edits reads its body itself (multipart or JSON: deployments.edit_body); its schema for the
+# /v1/images/edits reads its body itself (multipart or JSON: deployments.http.edit_body); its schema for the
 # OpenAPI document, as OpenAI documents the route.
 _EDIT_FORM = {
     "type": "object",
@@ -257,7 +257,7 @@ class Ingress:
         edit: bool = False,
         reference: tuple[int, int] | None = None,
     ) -> GenerationParams:
-        """The request's resolved params for `model`, through every admission check (deployments.admission);
+        """The request's resolved params for `model`, through every admission check (deployments.http.admission);
         `size` in place of the request's own when given (an edit's default size comes from its image),
         `edit` for an edit (EditParams), `reference` a Kontext edit's reference size (height, width), whose
         tokens join every row."""
@@ -267,11 +267,11 @@ class Ingress:
     async def _generate(
         self, params: GenerationParams, model: str, edit: EditInputs | None = None, extra: dict | None = None
     ) -> DecodedImages:
-        """Run the graph for one resolved request (rules: deployments.graph_runner); the image files
+        """Run the graph for one resolved request (rules: deployments.http.graph_runner); the image files
         and the request's timings. An edit's inputs go through the VAEEncoder; `extra` joins each image's
         metadata."""
         started = time.monotonic()
-        result = await self.runner.run(self.graph.launch(params, model, edit, extra))  # deployments.graph
+        result = await self.runner.run(self.graph.launch(params, model, edit, extra))  # deployments.http.graph
         self.metrics.images.inc(len(result.files))
         result.timings["total"] = time.monotonic() - started
         return result
@@ -364,7 +364,7 @@ class Ingress:
         data = await self._images(params, result.files, fields.response_format)
         return ImagesResponse(created=int(time.time()), data=data, timings=timings_ms(result.timings))
 
-    # --- async jobs (deployments.async_jobs) -------------------------------------------------------
+    # --- async jobs (deployments.async_jobs.jobs) -------------------------------------------------------
 
     async def _jobs_call(self, coroutine):
         try:

@@ -11,9 +11,9 @@ from collections.abc import Collection
 from pydantic import ValidationError
 
 from deployments.config import AppConfig
-from deployments.errors import APIError
-from deployments.protocol import PARAM_OF_FIELD, ImageGenerationRequest, to_generation_params
-from deployments.scheduler import OverTokenBudget, request_shape
+from deployments.http.errors import APIError
+from deployments.http.protocol import PARAM_OF_FIELD, ImageGenerationRequest, to_generation_params
+from deployments.stages.request_scheduler import OverTokenBudget, request_shape
 from fluxray.editing import EditParams
 from fluxray.params import GenerationParams, describe_validation_error
 from fluxray.specs import ModelSpec
@@ -125,7 +125,7 @@ def check_token_budget(
     max_images: int,
 ) -> None:
     """One image's transformer rows (image, text, true-CFG and Kontext reference tokens: the shape the
-    Denoiser computes, deployments.scheduler.request_shape) fit the Denoiser's batch budget (422 naming
+    Denoiser computes, deployments.stages.request_scheduler.request_shape) fit the Denoiser's batch budget (422 naming
     `size`, code batch_token_budget_exceeded)."""
     shape = request_shape(params, spec.max_sequence_length, reference)
     try:

@@ -11,8 +11,8 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from deployments.errors import APIError
-from deployments.protocol import ImageEditRequest
+from deployments.http.errors import APIError
+from deployments.http.protocol import ImageEditRequest
 from fluxray.params import describe_validation_error
 
 FILE_FIELDS = ("image", "image[]", "mask")

@@ -1,7 +1,7 @@
 """A request's graph, built in one place for the synchronous routes and for async jobs: the stage calls
 (TextEncoder -> the model's Denoiser, routed by its adapter set -> VAEDecoder, with the VAEEncoder first
 for an edit), each image's metadata (fluxray.images.image_metadata) and the DecodeRequest. It only
-builds the calls; deployments.graph_runner runs them, under its rules, as often as they need.
+builds the calls; deployments.http.graph_runner runs them, under its rules, as often as they need.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.graph_runner import Launch, Streamed, StreamLaunch
-from deployments.messages import DecodeRequest, routed
+from deployments.http.graph_runner import Launch, Streamed, StreamLaunch
+from deployments.stages.messages import DecodeRequest, routed
 from fluxray.editing import EditInputs
 from fluxray.images import image_metadata
 from fluxray.params import GenerationParams

@@ -1,7 +1,7 @@
 """Async generation jobs, run by the ingress replica that took them: the record and events in the job
-store (deployments.job_store), the graph through the Denoiser's streaming call, so that queue position,
+store (deployments.async_jobs.store), the graph through the Denoiser's streaming call, so that queue position,
 step progress, ETA and previews come from the Denoiser's own step loop. The graph is the synchronous
-routes' own (deployments.graph builds it), run by the same GraphRunner (`stream`), so a job fails as
+routes' own (deployments.http.graph builds it), run by the same GraphRunner (`stream`), so a job fails as
 the synchronous request would have been answered: its `error` has that answer's `status`, `type`,
 `code` and `param`.
 
@@ -36,11 +36,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from deployments.errors import APIError
-from deployments.graph import Graph
-from deployments.graph_runner import GraphRunner
-from deployments.job_store import JobStore, Patient
-from deployments.webhooks import DEFAULT_EVENTS, WebhookSender
+from deployments.async_jobs.store import JobStore, Patient
+from deployments.async_jobs.webhooks import DEFAULT_EVENTS, WebhookSender
+from deployments.http.errors import APIError
+from deployments.http.graph import Graph
+from deployments.http.graph_runner import GraphRunner
 from fluxray.params import GenerationParams
 from fluxray.preview import preview_image
 
@@ -123,7 +123,7 @@ class AsyncJobs:
     ) -> dict[str, Any]:
         """Makes the job's record, starts it, and returns its record once the Denoiser has placed it
         in its queue (or after FIRST_POSITION_WAIT_S, with no position yet). The webhook, if any, was
-        checked against the server's policy by the caller (deployments.webhooks.validate_webhook)."""
+        checked against the server's policy by the caller (deployments.async_jobs.webhooks.validate_webhook)."""
         if len(self.tasks) >= self.max_queued_jobs:
             raise APIError(
                 429,
@@ -233,7 +233,7 @@ class AsyncJobs:
             await self._end(job_id, "failed", error=job_error(error))
         except Exception as error:  # noqa: BLE001 - a job's failure is its record's, not the server's
             logger.exception("async job %s failed", job_id)
-            # As the synchronous route answers an unexpected failure (deployments.errors), but naming its kind.
+            # As the synchronous route answers an unexpected failure (deployments.http.errors), but naming its kind.
             failure = APIError(500, f"generation failed: {type(error).__name__}", kind="server_error")
             await self._end(job_id, "failed", error=job_error(failure))
         finally:

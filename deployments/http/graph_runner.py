@@ -1,8 +1,8 @@
 """How the ingress runs one request's graph (encode -> denoise -> decode), for the synchronous routes
 and for async jobs alike: admission, the timeout, re-runs when a stage replica dies under it, how a
 stage's failure is answered, and cancelling upstream work. A plain class with its rules in one place,
-tested without a cluster; the Ingress deployment and deployments.async_jobs drive it, over the stage
-calls that deployments.graph builds.
+tested without a cluster; the Ingress deployment and deployments.async_jobs.jobs drive it, over the stage
+calls that deployments.http.graph builds.
 """
 
 import asyncio
@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from deployments.errors import APIError
-from deployments.scheduler import OverTokenBudget, QueueFull, retry_after
+from deployments.http.errors import APIError
+from deployments.stages.request_scheduler import OverTokenBudget, QueueFull, retry_after
 from fluxray.lora import LoraError
 
 logger = logging.getLogger("ray.serve")

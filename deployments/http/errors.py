@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from deployments.guard import error_body
-from deployments.protocol import ErrorResponse
+from deployments.http.guard import error_body
+from deployments.http.protocol import ErrorResponse
 
 logger = logging.getLogger("ray.serve")
 

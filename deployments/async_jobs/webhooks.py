@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from deployments.errors import APIError
+from deployments.http.errors import APIError
 
 logger = logging.getLogger("ray.serve")
 EVENTS = ("queued", "started", "progress", "succeeded", "failed", "cancelled")

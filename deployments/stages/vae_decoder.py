@@ -11,8 +11,8 @@ import torch
 from ray import serve
 
 from deployments.config import AppConfig
-from deployments.messages import DecodedImages, DecodeRequest, DenoisedLatents
 from deployments.metrics import StageMetrics
+from deployments.stages.messages import DecodedImages, DecodeRequest, DenoisedLatents
 from deployments.warmup import timed, warm_vae_decoder
 from fluxray.images import encode_image
 from fluxray.params import parse_size

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 
 from deployments.config import AppConfig
-from deployments.messages import EncodedPrompt
 from deployments.metrics import StageMetrics
+from deployments.stages.messages import EncodedPrompt
 from deployments.warmup import timed, warm_text_encoder
 from fluxray.embeds import PromptEmbeds
 from fluxray.runtime import stage_runtime
