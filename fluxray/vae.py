@@ -11,6 +11,13 @@ from fluxray.sampling import unpack_latents
 from fluxray.sources import ModelSource, load_vae
 
 
+def load_accelerated_vae(source: ModelSource, device, dtype: torch.dtype, speed: SpeedOptions | None):
+    """The model's VAE on `device` in `dtype` with the VAE's speed switches applied, and those switches
+    resolved (what both halves load)."""
+    resolved = resolve(speed, device, "vae")
+    return accelerate_vae(load_vae(source, device, dtype), resolved), resolved
+
+
 class VAEDecoder:
     """The FLUX autoencoder's decoder half, turning packed latents into uint8 images.
 
@@ -32,8 +39,7 @@ class VAEDecoder:
         speed: SpeedOptions | None = None,
     ) -> VAEDecoder:
         """The VAE with the speed switches applied (fluxray.acceleration)."""
-        resolved = resolve(speed, device, "vae")
-        vae = accelerate_vae(load_vae(source, device, dtype), resolved)
+        vae, resolved = load_accelerated_vae(source, device, dtype, speed)
         return cls(vae, tile_threshold(vae, resolved))
 
     @torch.inference_mode()
@@ -65,8 +71,8 @@ class VAEEncoder:
         dtype: torch.dtype = torch.float32,
         speed: SpeedOptions | None = None,
     ) -> VAEEncoder:
-        resolved = resolve(speed, device, "vae")
-        return cls(accelerate_vae(load_vae(source, device, dtype), resolved))
+        """The VAE with the speed switches applied (fluxray.acceleration)."""
+        return cls(load_accelerated_vae(source, device, dtype, speed)[0])
 
     @torch.inference_mode()
     def moments(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
+from deployments.stages.batching import in_parts
 from deployments.stages.messages import DecodedImages, DecodeRequest, DenoisedLatents
 from deployments.warmup import timed, warm_vae_decoder
 from fluxray.images import encode_image
@@ -39,15 +40,17 @@ class VAEDecoderDeployment:
         self.metrics = StageMetrics("decode")
         self.projection: torch.Tensor | None = None
 
+    def _observe_call(self, images: int) -> None:
+        self.largest_call = max(self.largest_call, images)
+        self.metrics.batch.observe(images)
+
     def _decode_rows(self, latents: torch.Tensor, height: int, width: int):
         """Pixels of the rows, decoded in parts of at most vae_max_batch_pixels (one image at least)."""
-        per_call = max(1, self.config.vae_max_batch_pixels // (height * width))
-        parts = []
-        for start in range(0, latents.shape[0], per_call):
-            rows = latents[start : start + per_call]
-            self.largest_call = max(self.largest_call, rows.shape[0])
-            self.metrics.batch.observe(rows.shape[0])
-            parts.append(self.decoder.decode(rows, height, width).numpy())
+
+        def decode(rows: torch.Tensor):
+            return self.decoder.decode(rows, height, width).numpy()
+
+        parts = in_parts(latents, height, width, self.config.vae_max_batch_pixels, decode, self._observe_call)
         return [image for part in parts for image in part]
 
     def _decode(self, items: list[tuple[torch.Tensor, DecodeRequest]]) -> list[list[bytes]]:

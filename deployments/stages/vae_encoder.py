@@ -12,6 +12,7 @@ from ray import serve
 
 from deployments.config import AppConfig
 from deployments.metrics import StageMetrics
+from deployments.stages.batching import in_parts
 from deployments.warmup import timed, warm_vae_encoder
 from fluxray.editing import EditInputs, EncodedEdit
 from fluxray.params import parse_size
@@ -35,20 +36,18 @@ class VAEEncoderDeployment:
         self.largest_call = 0  # images in one VAE encoder call
         self.metrics = StageMetrics("encode_image")
 
+    def _observe_call(self, images: int) -> None:
+        self.largest_call = max(self.largest_call, images)
+        self.metrics.batch.observe(images)
+
     def _encode(self, items: list[EditInputs]) -> list[EncodedEdit]:
         """Every input (and Fill's masked input) of one size in one encoder call, at most
         vae_max_batch_pixels at a time."""
         results: dict[int, EncodedEdit] = {}
         for (height, width), group in group_by_size(range(len(items)), lambda i: tuple(items[i].image.shape[-2:])):
-            pixels = [p for i in group for p in (items[i].image, items[i].masked_image) if p is not None]
-            per_call = max(1, self.config.vae_max_batch_pixels // (height * width))
-            moments = []
-            for start in range(0, len(pixels), per_call):
-                part = torch.cat(pixels[start : start + per_call])
-                self.largest_call = max(self.largest_call, part.shape[0])
-                self.metrics.batch.observe(part.shape[0])
-                moments.append(self.encoder.moments(part))
-            moments = torch.cat(moments)
+            pixels = torch.cat([p for i in group for p in (items[i].image, items[i].masked_image) if p is not None])
+            budget = self.config.vae_max_batch_pixels
+            moments = torch.cat(in_parts(pixels, height, width, budget, self.encoder.moments, self._observe_call))
             row = 0
             for i in group:
                 item = items[i]
