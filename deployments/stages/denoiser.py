@@ -32,7 +32,7 @@ from deployments.stages.request_scheduler import Job, QueueFull, Scheduler, requ
 from deployments.warmup import timed, warm_denoiser
 from fluxray.editing import EncodedEdit, edit_task
 from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora_cache import HostCache, LoraResidency, make_room
+from fluxray.lora.residency import HostCache, LoraResidency, make_room
 from fluxray.params import GenerationParams, parse_size
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -198,7 +198,7 @@ class DenoiserDeployment:
     @serve.multiplexed(max_num_models_per_replica=MULTIPLEXED_ADAPTER_SETS)
     async def _adapter_set(self, key: str) -> str:
         """What this replica tells Serve's router it holds (the adapter sets of its recent requests). The
-        adapters themselves are loaded and evicted by _load_loras (fluxray.lora_cache), not by Serve's LRU."""
+        adapters themselves are loaded and evicted by _load_loras (fluxray.lora.residency), not by Serve's LRU."""
         return key
 
     async def _load_loras(self, params: GenerationParams) -> None:

@@ -13,7 +13,7 @@ from fluxray.acceleration import SpeedOptions
 from fluxray.editing import edit_task
 from fluxray.embeds import PromptEmbeds
 from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora_cache import HostCache, LoraResidency, make_room
+from fluxray.lora.residency import HostCache, LoraResidency, make_room
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.transformer import load_transformer
@@ -22,7 +22,7 @@ from jobs.stages.base import Stage, by_size
 from jobs.stages.edit_inputs import unpack_edit
 from jobs.stages.schema import DENOISED_SCHEMA
 
-# Host memory per denoise actor for LoRAs evicted from the device (fluxray.lora_cache.HostCache).
+# Host memory per denoise actor for LoRAs evicted from the device (fluxray.lora.residency.HostCache).
 LORA_HOST_CACHE_BYTES = 2 << 30
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fluxray.lora_cache import LoraResidency
+from fluxray.lora.residency import LoraResidency
 
 
 def test_room_is_made_least_recently_used_first():
@@ -33,7 +33,7 @@ def test_a_smaller_bound_evicts_down_to_it():
 def test_the_host_cache_keeps_evicted_adapters_within_its_bytes():
     from dataclasses import dataclass
 
-    from fluxray.lora_cache import HostCache
+    from fluxray.lora.residency import HostCache
 
     @dataclass
     class Adapter:
