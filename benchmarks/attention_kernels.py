@@ -1,5 +1,5 @@
 """FLUX.1's attention at one size, kernel by kernel: torch SDPA (cuDNN, FlashAttention-2) against
-FlashAttention-3 in bf16 and with fp8 q/k/v (fluxray.flash_attention), on the same random inputs.
+FlashAttention-3 in bf16 and with fp8 q/k/v (fluxray.speed.flash_attention), on the same random inputs.
 
     PYTHONPATH=/tmp/site:. python benchmarks/attention_kernels.py     # one GPU (Hopper for FA3), ~20 s
     python benchmarks/attention_kernels.py --device cpu --tokens 256  # the path, on the CPU (SDPA only)
@@ -24,8 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reporting import results_path, write_report  # noqa: E402
-from fluxray.flash_attention import FA3FluxProcessor, fa3_interface_name  # noqa: E402
 from fluxray.runtime import pick_device  # noqa: E402
+from fluxray.speed.flash_attention import FA3FluxProcessor, fa3_interface_name  # noqa: E402
 
 
 def timed(fn, device, repeats=20) -> float:

@@ -52,7 +52,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.images import psnr
 from fluxray.params import GenerationParams, parse_size
 from fluxray.pipeline import Pipeline
@@ -61,6 +60,7 @@ from fluxray.sampling import (
     denoise,
     denoise_task,
 )
+from fluxray.speed import SpeedOptions, resolve
 
 PROMPT = "a photo of a cat sitting on a red chair in the morning light"
 SEED = 1000
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16-cudnn": ("fluxray-bf16-cudnn", SpeedOptions(attention="cudnn")),
         "bf16-flash": ("fluxray-bf16-flash", SpeedOptions(attention="flash")),
         "quantized-cudnn": (f"fluxray-{quantize}-cudnn", SpeedOptions(quantize=quantize, attention="cudnn")),
-        # FlashAttention-3 (fluxray.flash_attention), fp8 fast accumulation, fp8 q/k/v: lever by lever.
+        # FlashAttention-3 (fluxray.speed.flash_attention), fp8 fast accumulation, fp8 q/k/v: lever by lever.
         "bf16-fa3": ("fluxray-bf16-fa3", SpeedOptions(attention="flash3")),
         "fp8-fast": ("fluxray-fp8-fast", SpeedOptions(quantize="fp8", fp8_fast_accum="on")),
         "fp8-fa3": ("fluxray-fp8-fast-fa3", SpeedOptions(quantize="fp8", fp8_fast_accum="on", attention="flash3")),

@@ -37,11 +37,11 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve  # noqa: E402
 from fluxray.images import psnr  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
 from fluxray.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, rates_of_reads, read_scene, render  # noqa: E402
+from fluxray.speed import SpeedOptions, accelerate_transformer, resolve  # noqa: E402
 
 GOALS = {"colour": 0.9, "shape": 0.8, "place": 0.8}
 SIZE = 256
@@ -195,7 +195,7 @@ def main() -> None:
     int8 = Pipeline.load(args.model, device="cpu", dtype=torch.float32, speed=SpeedOptions(quantize="int8"))
     fp8 = Pipeline.load(args.model, device="cpu", dtype=torch.float32)
     # fp8 is refused on the CPU for users (it is a GPU speed switch); the same block path runs on
-    # torch's CPU _scaled_mm, as tests/fluxray/test_acceleration.py does.
+    # torch's CPU _scaled_mm, as tests/fluxray/test_speed.py does.
     speed = dataclasses.replace(resolve(SpeedOptions(fuse_qkv="on"), "cpu"), quantize="fp8")
     accelerate_transformer(fp8.transformer, speed, spec.max_sequence_length)
     for name, pipeline in (("bf16", bf16), ("int8", int8), ("fp8_cpu_scaled_mm", fp8)):

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.editing import EditError, EditParams, edit_method, edit_task, prepare_edit
 from fluxray.images import encode_image, image_metadata, image_sha256
 from fluxray.lora import LoraSlots
@@ -19,6 +18,7 @@ from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.sources import ModelSource, resolve_model
+from fluxray.speed import SpeedOptions, resolve
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer
 from fluxray.vae import VAEDecoder, VAEEncoder
@@ -60,7 +60,7 @@ class Pipeline:
         speed: SpeedOptions | None = None,
         loras: LoraSlots | None = None,
     ):
-        """All three stages on one device, with the speed switches applied (fluxray.acceleration) and, with
+        """All three stages on one device, with the speed switches applied (fluxray.speed) and, with
         `loras`, the transformer's LoRA bank attached (fluxray.lora: load adapters with its `add`)."""
         source = resolve_model(model)
         dev = pick_device(device)

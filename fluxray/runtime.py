@@ -9,8 +9,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxray.acceleration import SpeedOptions
 from fluxray.sources import ModelSource, resolve_model
+from fluxray.speed import SpeedOptions
 
 
 class RuntimeOptions(BaseModel):
@@ -43,7 +43,7 @@ class RuntimeOptions(BaseModel):
     speed: SpeedOptions = Field(
         default_factory=SpeedOptions,
         description="Engine speed switches (compile, attention kernel, fused QKV, fp8/int8/nf4, VAE tiling, "
-        "T5 placement); each process applies those of its stage. See fluxray.acceleration.",
+        "T5 placement); each process applies those of its stage. See fluxray.speed.",
     )
 
     @property

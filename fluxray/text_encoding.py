@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fluxray.acceleration import SpeedOptions, resolve
 from fluxray.embeds import PromptEmbeds
 from fluxray.sources import ModelSource, load_text_encoders, load_tokenizers
+from fluxray.speed import SpeedOptions, resolve
 
 
 class PromptLength:

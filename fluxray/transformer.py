@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fluxray.acceleration import ResolvedSpeed, SpeedOptions, accelerate_transformer, resolve
 from fluxray.lora import LoraSlots
 from fluxray.sources import ModelSource, load_transformer_module
+from fluxray.speed import ResolvedSpeed, SpeedOptions, accelerate_transformer, resolve
 
 
 def load_transformer(
@@ -16,7 +16,7 @@ def load_transformer(
     speed: SpeedOptions | None = None,
     loras: LoraSlots | None = None,
 ):
-    """The FluxTransformer2DModel with the speed switches applied (fluxray.acceleration), and with `loras`
+    """The FluxTransformer2DModel with the speed switches applied (fluxray.speed), and with `loras`
     a LoRA bank attached (fluxray.lora; under torch.compile before compiling, so adapters never recompile).
 
     A switch that cannot work on this device fails (SpeedOptionError) before any weight loads.

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from fluxray.acceleration import SpeedOptions, accelerate_vae, resolve, tile_threshold
 from fluxray.editing import EditInputs, EncodedEdit
 from fluxray.sampling import unpack_latents
 from fluxray.sources import ModelSource, load_vae
+from fluxray.speed import SpeedOptions, accelerate_vae, resolve, tile_threshold
 
 
 def load_accelerated_vae(source: ModelSource, device, dtype: torch.dtype, speed: SpeedOptions | None):
@@ -38,7 +38,7 @@ class VAEDecoder:
         dtype: torch.dtype = torch.float32,
         speed: SpeedOptions | None = None,
     ) -> VAEDecoder:
-        """The VAE with the speed switches applied (fluxray.acceleration)."""
+        """The VAE with the speed switches applied (fluxray.speed)."""
         vae, resolved = load_accelerated_vae(source, device, dtype, speed)
         return cls(vae, tile_threshold(vae, resolved))
 
@@ -71,7 +71,7 @@ class VAEEncoder:
         dtype: torch.dtype = torch.float32,
         speed: SpeedOptions | None = None,
     ) -> VAEEncoder:
-        """The VAE with the speed switches applied (fluxray.acceleration)."""
+        """The VAE with the speed switches applied (fluxray.speed)."""
         return cls(load_accelerated_vae(source, device, dtype, speed)[0])
 
     @torch.inference_mode()

@@ -12,15 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fluxray.acceleration import (
-    SpeedOptionError,
-    SpeedOptions,
-    add_speed_arguments,
-    resolve,
-    speed_options_from_args,
-)
 from fluxray.params import MAX_GUIDANCE, MAX_SIDE, MAX_STEPS, MIN_SIDE, SEED_LIMIT, SIDE_MULTIPLE
 from fluxray.runtime import RuntimeOptions
+from fluxray.speed import SpeedOptionError, SpeedOptions, resolve
+from fluxray.speed.flags import add_speed_arguments, speed_options_from_args
 from fluxray.usage import ArgumentParser, UsageError
 
 STAGES = ("encode", "denoise", "decode", "write")

@@ -14,7 +14,7 @@ BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")  # attach
 
 
 def linear_like(module: nn.Module | None) -> bool:
-    """An nn.Linear, or a layer that stands in for one (fluxray.quantization's fp8 and int8 Linears): what an
+    """An nn.Linear, or a layer that stands in for one (fluxray.speed.quantization's fp8 and int8 Linears): what an
     adapter's pair can sit on, its delta added to the layer's output in the activations' dtype."""
     if isinstance(module, nn.Linear):
         return True

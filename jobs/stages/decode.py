@@ -7,9 +7,9 @@ import hashlib
 import torch
 from safetensors.torch import load as load_tensors
 
-from fluxray.acceleration import SpeedOptions
 from fluxray.images import encode_image, image_metadata
 from fluxray.runtime import stage_runtime
+from fluxray.speed import SpeedOptions
 from fluxray.vae import VAEDecoder
 from jobs.prompts import params_of
 from jobs.stages.base import Stage, by_size

@@ -9,13 +9,13 @@ import time
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from fluxray.acceleration import SpeedOptions
 from fluxray.editing import edit_task
 from fluxray.embeds import PromptEmbeds
 from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
 from fluxray.lora.residency import HostCache, LoraResidency, make_room
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
+from fluxray.speed import SpeedOptions
 from fluxray.transformer import load_transformer
 from jobs.prompts import params_of
 from jobs.stages.base import Stage, by_size

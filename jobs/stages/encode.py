@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from safetensors.torch import save as save_tensors
 
-from fluxray.acceleration import SpeedOptions
 from fluxray.editing import edit_method, prepare_edit, read_edit_inputs
 from fluxray.images import image_sha256
 from fluxray.runtime import stage_runtime
+from fluxray.speed import SpeedOptions
 from fluxray.text_encoding import TextEncoder
 from fluxray.vae import VAEEncoder
 from jobs.stages.base import Stage

@@ -32,7 +32,7 @@ def test_gpu_benchmark_quick_run_on_cpu(tmp_path):
         for entry in mode["sizes"].values():
             assert entry["seconds_per_image"] > entry["step_seconds"] > 0
             # (graphs_compiled_after_warmup is not checked here: compile is off on the CPU, so it is 0
-            # whatever the code does; tests/fluxray/test_acceleration.py checks recompiles with compile on.)
+            # whatever the code does; tests/fluxray/test_speed.py checks recompiles with compile on.)
             assert entry["tflop_per_step"] > 0
         if label != "diffusers":
             assert mode["ratio"] == mode["sizes"]["96x96"]["ratio"] > 0

@@ -1,4 +1,4 @@
-"""fluxray.flash_attention: the FA3 processor does diffusers' FluxAttnProcessor's steps, and its fp8
+"""fluxray.speed.flash_attention: the FA3 processor does diffusers' FluxAttnProcessor's steps, and its fp8
 path quantises q/k/v per image and head. FA3 itself needs a Hopper GPU (benchmarks/gpu.py measures it
 there); here the kernel is a reference with FA3's signature, so the processor's own code is checked."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxray.flash_attention import FP8_MAX, FA3FluxProcessor, dequantize_heads, quantize_heads, use_fa3
 from fluxray.sources import load_transformer_module, resolve_model
+from fluxray.speed.flash_attention import FP8_MAX, FA3FluxProcessor, dequantize_heads, quantize_heads, use_fa3
 
 CALLS = []
 

@@ -151,8 +151,8 @@ def test_under_compile_new_adapters_and_new_mixes_never_recompile(loras, lora_pi
     # The bank is attached before compiling: every block Linear wrapped, shapes fixed (max_per_row x max_rank,
     # all slots), and the warm-up ran both paths. Adapters loaded afterwards and mixes never seen before only
     # change values, so the stance that fails on any recompilation never fires.
-    from fluxray.acceleration import SpeedOptions
     from fluxray.lora import LoraLinear, LoraSlots
+    from fluxray.speed import SpeedOptions
 
     speed = SpeedOptions(compile="on", fuse_qkv="off", warmup_sizes=["64x64"])
     compiled = Pipeline.load("tiny", device="cpu", speed=speed, loras=LoraSlots(max_per_row=2, max_rank=8, resident=4))
@@ -187,8 +187,8 @@ def test_a_quantized_transformer_takes_loras_each_row_its_own_delta(quantize, lo
     # delta computed in the activations' dtype, equal to the delta on the full-precision layer.
     import dataclasses
 
-    from fluxray.acceleration import SpeedOptions, accelerate_transformer, resolve
     from fluxray.lora import LoraLinear
+    from fluxray.speed import SpeedOptions, accelerate_transformer, resolve
 
     quantized = Pipeline.load("tiny", device="cpu")
     # fp8 is refused on the CPU for users (a GPU switch); its block path runs on torch's CPU _scaled_mm.

@@ -14,7 +14,7 @@ takes the inverse scales (`*_descale`) and returns the model's dtype. It is loss
 measures it against bf16 by PSNR before anyone turns it on.
 
 diffusers' Flux module is imported when a processor is made, not with this module: the speed switches
-(fluxray.acceleration) import this one, and the CLI, the ingress and the job's driver import those
+(fluxray.speed) import this one, and the CLI, the ingress and the job's driver import those
 without ever building a transformer (importing it costs ~3 s).
 """
 

@@ -12,13 +12,13 @@ import torch
 from image_checks import max_pixel_diff
 from pydantic import ValidationError
 
-from fluxray.acceleration import SpeedOptionError, SpeedOptions, accelerate_transformer, resolve
 from fluxray.images import psnr
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.quantization import Float8Linear, Int8WeightOnlyLinear
 from fluxray.sampling import initial_noise
 from fluxray.sources import load_transformer_module, resolve_model
+from fluxray.speed import SpeedOptionError, SpeedOptions, accelerate_transformer, resolve
+from fluxray.speed.quantization import Float8Linear, Int8WeightOnlyLinear
 from fluxray.transformer import staging_device
 from fluxray.vae import VAEDecoder
 
@@ -213,7 +213,7 @@ def test_auto_is_off_on_the_cpu():
 
 
 def test_fp8_fast_accumulation_is_on_with_fp8_and_reaches_every_layer(tiny_pipeline):
-    from fluxray.acceleration import _quantize
+    from fluxray.speed.apply import _quantize
 
     assert not resolve(SpeedOptions(quantize="int8"), "cpu").fp8_fast_accum
     transformer = load_transformer_module(resolve_model("tiny"), torch.device("cpu"), torch.bfloat16)
