@@ -6,7 +6,7 @@ FLUX.1-schnell (transformer/, vae/, text_encoder/, text_encoder_2/, scheduler/ c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 # How a model edits an image (fluxray.editing): base models do img2img (inpainting with a mask), FLUX.1
@@ -176,114 +176,75 @@ _TINY_T5 = {
 # latent, 2x2 packed) per token.
 _FILL_IN_CHANNELS = 384
 
+# FLUX.1 [dev]: the base every other spec is made from (dataclasses.replace: each variant states only what
+# differs).
+_DEV = ModelSpec(
+    name="flux-dev",
+    repo_id="black-forest-labs/FLUX.1-dev",
+    default_steps=28,
+    default_guidance=3.5,
+    max_sequence_length=512,
+    transformer=_FLUX_TRANSFORMER,
+    vae=_FLUX_VAE,
+    clip=_CLIP_L,
+    t5=_T5_XXL,
+    scheduler=_DEV_SCHEDULER,
+)
+# The embedded model: the FLUX.1-dev structure at tiny widths, trained on a synthetic world
+# (scripts/train_tiny_model.py). Its sampling defaults are diffusers' FluxPipeline defaults (28
+# steps, guidance 3.5); its T5 length is 64, not 512: the world's prompts are ~10 tokens, and 512
+# padding tokens made training 3x slower for nothing (diffusers' peer is called with 64). It samples with
+# FLUX.1-dev's own schedule (shift e^0.5 at 256x256): the model trained at every noise level samples with
+# it as well as with any other tried (README, "The tiny model and its world").
+_TINY = replace(
+    _DEV,
+    name="tiny",
+    repo_id=None,
+    default_size=256,
+    max_sequence_length=64,
+    transformer=_TINY_TRANSFORMER,
+    vae=_TINY_VAE,
+    clip=_TINY_CLIP,
+    t5=_TINY_T5,
+)
+# FLUX.1 Fill [dev]: inpainting and outpainting with the masked image and mask as extra channels;
+# FluxFillPipeline's defaults (50 steps, guidance 30, strength 1).
+_FILL = {"edit": "fill", "default_strength": 1.0}
+_FILL_CHANNELS = {"in_channels": _FILL_IN_CHANNELS, "out_channels": 64}
+
 SPECS: dict[str, ModelSpec] = {
-    "flux-dev": ModelSpec(
-        name="flux-dev",
-        repo_id="black-forest-labs/FLUX.1-dev",
-        default_steps=28,
-        default_guidance=3.5,
-        max_sequence_length=512,
-        transformer=_FLUX_TRANSFORMER,
-        vae=_FLUX_VAE,
-        clip=_CLIP_L,
-        t5=_T5_XXL,
-        scheduler=_DEV_SCHEDULER,
-    ),
-    "flux-schnell": ModelSpec(
+    "flux-dev": _DEV,
+    "flux-schnell": replace(
+        _DEV,
         name="flux-schnell",
         repo_id="black-forest-labs/FLUX.1-schnell",
         default_steps=4,
         default_guidance=0.0,
         max_sequence_length=256,
         transformer={**_FLUX_TRANSFORMER, "guidance_embeds": False},
-        vae=_FLUX_VAE,
-        clip=_CLIP_L,
-        t5=_T5_XXL,
         scheduler=_SCHNELL_SCHEDULER,
     ),
-    # The embedded model: the FLUX.1-dev structure at tiny widths, trained on a synthetic world
-    # (scripts/train_tiny_model.py). Its sampling defaults are diffusers' FluxPipeline defaults (28
-    # steps, guidance 3.5); its T5 length is 64, not 512: the world's prompts are ~10 tokens, and 512
-    # padding tokens made training 3x slower for nothing (diffusers' peer is called with 64).
-    "tiny": ModelSpec(
-        name="tiny",
-        repo_id=None,
-        default_size=256,
-        default_steps=28,
-        default_guidance=3.5,
-        max_sequence_length=64,
-        transformer=_TINY_TRANSFORMER,
-        vae=_TINY_VAE,
-        clip=_TINY_CLIP,
-        t5=_TINY_T5,
-        # FLUX.1-dev's own schedule (shift e^0.5 at 256x256): the model trained at every noise level samples
-        # with it as well as with any other tried (README, "The tiny model and its world").
-        scheduler=_DEV_SCHEDULER,
-    ),
-    # FLUX.1 Fill [dev]: inpainting and outpainting with the masked image and mask as extra channels;
-    # FluxFillPipeline's defaults (50 steps, guidance 30, strength 1).
-    "flux-fill": ModelSpec(
+    "tiny": _TINY,
+    "flux-fill": replace(
+        _DEV,
         name="flux-fill",
         repo_id="black-forest-labs/FLUX.1-Fill-dev",
         default_steps=50,
         default_guidance=30.0,
-        max_sequence_length=512,
-        transformer={**_FLUX_TRANSFORMER, "in_channels": _FILL_IN_CHANNELS, "out_channels": 64},
-        vae=_FLUX_VAE,
-        clip=_CLIP_L,
-        t5=_T5_XXL,
-        scheduler=_DEV_SCHEDULER,
-        edit="fill",
-        default_strength=1.0,
+        transformer={**_FLUX_TRANSFORMER, **_FILL_CHANNELS},
+        **_FILL,
     ),
     # FLUX.1 Kontext [dev]: instruction edits, the input image as reference tokens; FluxKontextPipeline's
     # defaults (28 steps, guidance 2.5).
-    "flux-kontext": ModelSpec(
-        name="flux-kontext",
-        repo_id="black-forest-labs/FLUX.1-Kontext-dev",
-        default_steps=28,
-        default_guidance=2.5,
-        max_sequence_length=512,
-        transformer=_FLUX_TRANSFORMER,
-        vae=_FLUX_VAE,
-        clip=_CLIP_L,
-        t5=_T5_XXL,
-        scheduler=_DEV_SCHEDULER,
-        edit="kontext",
+    "flux-kontext": replace(
+        _DEV, name="flux-kontext", repo_id="black-forest-labs/FLUX.1-Kontext-dev", default_guidance=2.5, edit="kontext"
     ),
     # The embedded Fill and Kontext variants: the tiny model's text encoders and VAE (byte-equal files, so
     # one app serves all three with one TextEncoder and one VAE), their own transformers
-    # (scripts/make_tiny_model.py --edit-variants). Kontext's references at 1/16 of FLUX's area.
-    "tiny-fill": ModelSpec(
-        name="tiny-fill",
-        repo_id=None,
-        default_size=256,
-        default_steps=28,
-        default_guidance=3.5,
-        max_sequence_length=64,
-        transformer={**_TINY_TRANSFORMER, "in_channels": _FILL_IN_CHANNELS, "out_channels": 64},
-        vae=_TINY_VAE,
-        clip=_TINY_CLIP,
-        t5=_TINY_T5,
-        scheduler=_DEV_SCHEDULER,
-        edit="fill",
-        default_strength=1.0,
-    ),
-    "tiny-kontext": ModelSpec(
-        name="tiny-kontext",
-        repo_id=None,
-        default_size=256,
-        default_steps=28,
-        default_guidance=3.5,
-        max_sequence_length=64,
-        transformer=_TINY_TRANSFORMER,
-        vae=_TINY_VAE,
-        clip=_TINY_CLIP,
-        t5=_TINY_T5,
-        scheduler=_DEV_SCHEDULER,
-        edit="kontext",
-        reference_downscale=4,
-    ),
+    # (scripts/make_tiny_model.py --edit-variants), the tiny model's sampling defaults. Kontext's references
+    # at 1/16 of FLUX's area.
+    "tiny-fill": replace(_TINY, name="tiny-fill", transformer={**_TINY_TRANSFORMER, **_FILL_CHANNELS}, **_FILL),
+    "tiny-kontext": replace(_TINY, name="tiny-kontext", edit="kontext", reference_downscale=4),
 }
 
 
