@@ -77,7 +77,7 @@ def edit_inputs(width: int, height: int):
     """A scene of the tiny model's world and a mask over its left half (white = repaint)."""
     from PIL import Image
 
-    from fluxray.scenes import Scene, render
+    from fluxray.tiny.scenes import Scene, render
 
     image = render(Scene("yellow", "square", "right", "green"), width, height)
     mask = Image.new("L", (width, height), 0)

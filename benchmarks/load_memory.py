@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fluxray.models.sources import ModelSource  # noqa: E402
+from fluxray.models.specs import get_spec  # noqa: E402
 from fluxray.runtime import default_dtype, pick_device  # noqa: E402
-from fluxray.sources import ModelSource  # noqa: E402
-from fluxray.specs import get_spec  # noqa: E402
 from fluxray.speed import SpeedOptions  # noqa: E402
 from fluxray.transformer import load_transformer  # noqa: E402
 

@@ -208,7 +208,7 @@ class S3Server:
 
 def lay_out_finished_output(prompts: Path, output: str, size: int, steps: int) -> None:
     """Every row of prompts done, as the job leaves it: one metadata object per row under output."""
-    from fluxray.sources import resolve_model
+    from fluxray.models.sources import resolve_model
     from fluxray.storage import LocalStorage, open_storage
     from jobs.layout import metadata_key, model_identity
     from jobs.prompts import JobDefaults, records

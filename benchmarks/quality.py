@@ -3,8 +3,8 @@
     python benchmarks/quality.py                 # everything below, on the CPU (a few minutes)
     python benchmarks/quality.py --seeds 2       # quicker
 
-The held-out prompts (fluxray.scenes.HELD_OUT: combinations training never showed) are generated
-over several seeds and each image is read by fluxray.scenes.read_scene: did the shape come out in
+The held-out prompts (fluxray.tiny.scenes.HELD_OUT: combinations training never showed) are generated
+over several seeds and each image is read by fluxray.tiny.scenes.read_scene: did the shape come out in
 the asked colour, shape class and place, on the asked background? Reported, in one run:
 
 - the default settings (28 steps, guidance 3.5, fp32) — the goals: colour >= 90%, shape >= 80%,
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from fluxray.images import psnr  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
 from fluxray.pipeline import Pipeline  # noqa: E402
-from fluxray.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, rates_of_reads, read_scene, render  # noqa: E402
 from fluxray.speed import SpeedOptions, accelerate_transformer, resolve  # noqa: E402
+from fluxray.tiny.scenes import ATTRIBUTES, HELD_OUT, SHAPES, Scene, rates_of_reads, read_scene, render  # noqa: E402
 
 GOALS = {"colour": 0.9, "shape": 0.8, "place": 0.8}
 SIZE = 256

@@ -40,8 +40,8 @@ from serve_load import BenchCluster, fluxray_config, free_port  # noqa: E402
 from deployments.stages.denoiser import DenoiserDeployment  # noqa: E402
 from deployments.stages.messages import EncodedPrompt  # noqa: E402
 from deployments.stages.request_scheduler import Job, simulate  # noqa: E402
+from fluxray.models.sources import resolve_model  # noqa: E402
 from fluxray.params import GenerationParams  # noqa: E402
-from fluxray.sources import resolve_model  # noqa: E402
 from fluxray.text_encoding import TextEncoder  # noqa: E402
 
 SHORT, LONG, SHORT_SHARE, SLO = 4, 28, 0.3, 3.0

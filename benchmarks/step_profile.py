@@ -30,9 +30,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.reporting import results_path  # noqa: E402
+from fluxray.models.sources import resolve_model  # noqa: E402
 from fluxray.params import parse_size  # noqa: E402
 from fluxray.runtime import default_dtype, pick_device  # noqa: E402
-from fluxray.sources import resolve_model  # noqa: E402
 from fluxray.speed import SpeedOptions, warm_up  # noqa: E402
 from fluxray.transformer import load_transformer  # noqa: E402
 

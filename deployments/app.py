@@ -20,7 +20,7 @@ from deployments.stages.denoiser import DenoiserDeployment
 from deployments.stages.text_encoder import TextEncoderDeployment
 from deployments.stages.vae_decoder import VAEDecoderDeployment
 from deployments.stages.vae_encoder import VAEEncoderDeployment
-from fluxray.sources import resolve_model
+from fluxray.models.sources import resolve_model
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

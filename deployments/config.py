@@ -221,7 +221,7 @@ def served_models(config: AppConfig) -> dict[str, str]:
     """The app's models by the name clients use: `model` first (under served_model_name when set), then
     `models`. ValueError when two share a name, or when one cannot share the first's text encoders and
     VAE (another architecture or T5 length, or other weights)."""
-    from fluxray.sources import resolve_model
+    from fluxray.models.sources import resolve_model
 
     first = resolve_model(config.model)
     served = {config.served_model_name or first.name: config.model}

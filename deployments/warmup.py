@@ -21,9 +21,9 @@ import torch
 
 from fluxray.editing import EditParams, EncodedEdit, edit_task
 from fluxray.embeds import PromptEmbeds
+from fluxray.models.specs import ModelSpec
 from fluxray.params import GenerationParams, parse_size
 from fluxray.sampling import denoise_step, denoise_task, image_ids, initial_noise, text_ids
-from fluxray.specs import ModelSpec
 
 logger = logging.getLogger("ray.serve")
 PROMPT = "warm-up"

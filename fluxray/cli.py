@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from fluxray.editing import EditError, EditParams, default_size, edit_method, fit_size, read_edit_inputs
 from fluxray.images import InputImageError
 from fluxray.lora import LoraError, LoraRegistry, attach_loras, check_lora_file, read_lora
+from fluxray.models.sources import PICKLE_SUFFIXES, ModelSourceError, resolve_model
+from fluxray.models.specs import SPECS
 from fluxray.params import MAX_LORA_SCALE, GenerationParams, describe_validation_error
-from fluxray.sources import PICKLE_SUFFIXES, ModelSourceError, resolve_model
-from fluxray.specs import SPECS
 from fluxray.speed import SpeedOptionError
 from fluxray.speed.flags import add_speed_arguments, speed_options_from_args
 from fluxray.usage import ArgumentParser, UsageError

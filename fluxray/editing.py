@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from fluxray.embeds import PromptEmbeds
 from fluxray.images import InputImageError, edit_mask, mask_from_alpha, read_input_image
 from fluxray.lora import LoraChoice
+from fluxray.models.specs import ModelSpec
 from fluxray.params import MAX_SIDE, MIN_SIDE, GenerationParams
 from fluxray.sampling import (
     LATENT_CHANNELS,
@@ -38,7 +39,6 @@ from fluxray.sampling import (
     latent_size,
     pack_latents,
 )
-from fluxray.specs import ModelSpec
 
 EditMethod = Literal["img2img", "inpaint", "fill", "kontext"]
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from fluxray.specs import ModelSpec
+from fluxray.models.specs import ModelSpec
 
 MIN_SIDE = 64
 MAX_SIDE = 2048

@@ -14,10 +14,10 @@ from PIL import Image
 from fluxray.editing import EditError, EditParams, edit_method, edit_task, prepare_edit
 from fluxray.images import encode_image, image_metadata, image_sha256
 from fluxray.lora import LoraSlots
+from fluxray.models.sources import ModelSource, resolve_model
 from fluxray.params import GenerationParams
 from fluxray.runtime import default_dtype, pick_device
 from fluxray.sampling import denoise, denoise_task, group_by_size
-from fluxray.sources import ModelSource, resolve_model
 from fluxray.speed import SpeedOptions, resolve
 from fluxray.text_encoding import TextEncoder
 from fluxray.transformer import load_transformer

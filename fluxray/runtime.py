@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxray.sources import ModelSource, resolve_model
+from fluxray.models.sources import ModelSource, resolve_model
 from fluxray.speed import SpeedOptions
 
 

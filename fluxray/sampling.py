@@ -20,8 +20,8 @@ import torch
 
 from fluxray.embeds import PromptEmbeds
 from fluxray.lora import LoraChoice
+from fluxray.models.specs import ModelSpec
 from fluxray.params import GenerationParams
-from fluxray.specs import ModelSpec
 
 LATENT_CHANNELS = 16
 T = TypeVar("T")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fluxray.embeds import PromptEmbeds
-from fluxray.sources import ModelSource, load_text_encoders, load_tokenizers
+from fluxray.models.sources import ModelSource, load_text_encoders, load_tokenizers
 from fluxray.speed import SpeedOptions, resolve
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fluxray.lora import LoraSlots
-from fluxray.sources import ModelSource, load_transformer_module
+from fluxray.models.sources import ModelSource, load_transformer_module
 from fluxray.speed import ResolvedSpeed, SpeedOptions, accelerate_transformer, resolve
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from fluxray.editing import EditInputs, EncodedEdit
+from fluxray.models.sources import ModelSource, load_vae
 from fluxray.sampling import unpack_latents
-from fluxray.sources import ModelSource, load_vae
 from fluxray.speed import SpeedOptions, accelerate_vae, resolve, tile_threshold
 
 

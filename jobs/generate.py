@@ -28,7 +28,7 @@ import ray.data
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fluxray.lora import LoraError, LoraRegistry
-from fluxray.sources import ModelSource, ModelSourceError, resolve_model
+from fluxray.models.sources import ModelSource, ModelSourceError, resolve_model
 from fluxray.storage import StorageError, endpoint_from_env, open_storage, split_input_uri
 from jobs.config import STAGES, JobConfig, UsageError, load_config
 from jobs.layout import model_identity

@@ -17,7 +17,7 @@ import json
 import re
 
 from fluxray.images import EXTENSIONS
-from fluxray.sources import ModelSource
+from fluxray.models.sources import ModelSource
 
 FINGERPRINT_DIGITS = 16
 _METADATA_KEY = re.compile(rf"^metadata/(?P<id>.+)\.(?P<fingerprint>[0-9a-f]{{{FINGERPRINT_DIGITS}}})\.json$")

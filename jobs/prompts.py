@@ -31,8 +31,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from fluxray.editing import EditError, EditParams, edit_method
+from fluxray.models.specs import ModelSpec
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error
-from fluxray.specs import ModelSpec
 from jobs.layout import EDIT_FIELDS, IMAGE_FIELDS, LORA_FIELDS, fingerprint
 
 FORMATS = {

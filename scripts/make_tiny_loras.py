@@ -82,7 +82,7 @@ def make_layout_lora(path: Path, transformer, layout: str, seed: int = 5, rank: 
 
 
 def make_tiny_loras(out: Path, formats: bool = False) -> list[Path]:
-    from fluxray.sources import load_transformer_module, resolve_model
+    from fluxray.models.sources import load_transformer_module, resolve_model
 
     transformer = load_transformer_module(resolve_model("tiny"))
     out.mkdir(parents=True, exist_ok=True)

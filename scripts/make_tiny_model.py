@@ -2,11 +2,11 @@
 and its editing variants, made from the shipped (trained) model.
 
     python scripts/make_tiny_model.py --out DIR
-    python scripts/make_tiny_model.py --edit-variants     # writes fluxray/tiny_fill and fluxray/tiny_kontext
+    python scripts/make_tiny_model.py --edit-variants     # writes fluxray/tiny/fill and fluxray/tiny/kontext
 
-Real FLUX.1 architecture classes at tiny widths (fluxray.specs.SPECS["tiny"]), fixed-seed random
+Real FLUX.1 architecture classes at tiny widths (fluxray.models.specs.SPECS["tiny"]), fixed-seed random
 weights, and small tokenizers trained here on a fixed corpus (which includes the words of the
-synthetic world, fluxray.scenes) so that they load offline. The output is deterministic: running this
+synthetic world, fluxray.tiny.scenes) so that they load offline. The output is deterministic: running this
 twice gives the same tensors. The text encoders and tokenizers stay frozen in training, so those
 files equal the shipped ones byte for byte; the shipped VAE and transformer are the trained ones.
 """
@@ -28,8 +28,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluxray.sources import EMBEDDED_MODELS, TINY_MODEL_DIR  # noqa: E402
-from fluxray.specs import SPECS  # noqa: E402
+from fluxray.models.sources import EMBEDDED_MODELS, TINY_MODEL_DIR  # noqa: E402
+from fluxray.models.specs import SPECS  # noqa: E402
 
 CORPUS = """
 a photo of a cat sitting on a red chair in the morning light

@@ -1,4 +1,4 @@
-"""Train the embedded tiny FLUX model (fluxray/tiny_model/) on the synthetic scenes of fluxray.scenes.
+"""Train the embedded tiny FLUX model (fluxray/tiny/model/) on the synthetic scenes of fluxray.tiny.scenes.
 
     python scripts/train_tiny_model.py [--out DIR] [--scale 1.0]
 
@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_tiny_model import SHARPEN, attention_norms, build_pipeline, save  # noqa: E402
 
-from fluxray.scenes import TRAINING_SCENES, render, sample_scene  # noqa: E402
-from fluxray.sources import TINY_MODEL_DIR  # noqa: E402
-from fluxray.specs import SPECS  # noqa: E402
+from fluxray.models.sources import TINY_MODEL_DIR  # noqa: E402
+from fluxray.models.specs import SPECS  # noqa: E402
+from fluxray.tiny.scenes import TRAINING_SCENES, render, sample_scene  # noqa: E402
 
 SIZE = 256  # the tiny model's default side; every training image is this size
 VAE_STEPS, VAE_BATCH, VAE_CROP, VAE_POOL = 1200, 16, 128, 1024
@@ -338,7 +338,7 @@ def main() -> None:
     factors = {k: pipe.vae.config[k] for k in ("scaling_factor", "shift_factor")}
     if factors != {k: SPECS["tiny"].vae[k] for k in factors}:
         # A BFL single file carries no config: the spec must hold what the trained VAE's config says.
-        print(f"NOTE: set SPECS['tiny'].vae in fluxray/specs.py to {factors} for the new weights", flush=True)
+        print(f"NOTE: set SPECS['tiny'].vae in fluxray/models/specs.py to {factors} for the new weights", flush=True)
     print(f"latents ready ({time.time() - start:.0f} s)", flush=True)
     teacher = train_flow(pipe.transformer, data, max(1, int(FLOW_STEPS * args.scale)), log)
     log["flow"]["loss_by_sigma"] = loss_by_sigma(teacher.eval(), data)

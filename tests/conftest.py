@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from fluxray.models.sources import TINY_MODEL_DIR
 from fluxray.pipeline import Pipeline
-from fluxray.sources import TINY_MODEL_DIR
 
 # Property tests draw the same examples every run (a failure reproduces) and keep no database in the tree.
 settings.register_profile("fluxray", derandomize=True, database=None, deadline=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fluxray.specs import get_spec
+from fluxray.models.specs import get_spec
 
 
 def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:

@@ -15,8 +15,8 @@ from deployments.http.errors import APIError
 from deployments.http.protocol import PARAM_OF_FIELD, ImageGenerationRequest, to_generation_params
 from deployments.stages.request_scheduler import OverTokenBudget, request_shape
 from fluxray.editing import EditParams
+from fluxray.models.specs import ModelSpec
 from fluxray.params import GenerationParams, describe_validation_error
-from fluxray.specs import ModelSpec
 
 PROMPT_FIELDS = ("prompt", "prompt_2", "negative_prompt")
 

@@ -10,7 +10,6 @@ parameters through Serve's method wrappers.)
 import asyncio
 import base64
 import html
-import json
 import logging
 import os
 import re
@@ -24,7 +23,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 import fluxray
-from deployments.async_jobs.jobs import TERMINAL, AsyncJobs, public
+from deployments.async_jobs.events import event_stream
+from deployments.async_jobs.jobs import AsyncJobs, public
 from deployments.async_jobs.store import JobStoreUnavailable, open_store
 from deployments.async_jobs.webhooks import WebhookPolicy, WebhookSender, validate_webhook
 from deployments.config import AppConfig, served_models
@@ -34,11 +34,12 @@ from deployments.http.errors import ERRORS, APIError, install_error_handlers
 from deployments.http.graph import Graph
 from deployments.http.graph_runner import GraphRunner
 from deployments.http.guard import ApiKeys, GuardPolicy, RequestGuard
+from deployments.http.headers import SEED_HEADER, TIMING_HEADER, TRUNCATED_HEADER, server_timing, timings_ms
 from deployments.http.object_store import ObjectStore
 from deployments.http.protocol import (
+    EDIT_REQUEST_BODY,
     ErrorResponse,
     ImageData,
-    ImageEditRequest,
     ImageGenerationRequest,
     ImageJob,
     ImageJobRequest,
@@ -63,14 +64,10 @@ from fluxray.editing import (
 )
 from fluxray.images import MEDIA_TYPES, InputImageError, image_sha256
 from fluxray.lora import LoraRegistry
+from fluxray.models.sources import resolve_model
 from fluxray.params import GenerationParams, parse_size
-from fluxray.sources import resolve_model
 from fluxray.text_encoding import PromptLength
 
-SEED_HEADER = "X-Seed"
-TIMING_HEADER = "Server-Timing"  # W3C Server Timing: queue, encode, denoise, decode, total (ms)
-TIMING_ORDER = ("queue", "encode", "encode_image", "denoise", "decode", "total")
-TRUNCATED_HEADER = "X-Prompt-Truncated"  # the encoders that read only the start of the prompt
 # Metric labels: these routes, and "other" for any path a client makes up. (Not read off app.routes:
 # in a replica, Serve mounts the app's routes under a router entry that has no single path.)
 ROUTES = frozenset(
@@ -87,7 +84,7 @@ ROUTES = frozenset(
 )
 JOB_PATH = re.compile(r"^/v1/images/jobs/[^/]+(/events)?$")  # labelled by template, not by id
 JOB_ID = re.compile(r"^imgjob_[0-9a-f]{24}$")
-SSE_KEEPALIVE_S = 15.0
+SSE_KEEPALIVE_S = 15.0  # a comment line on an idle event stream this often
 STATIC = Path(__file__).resolve().parent / "static"  # the page: served as files, no build step
 STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 REPLICA_HEADER = "X-Replica"  # on job answers: which ingress replica answered (jobs are shared through Redis)
@@ -102,54 +99,7 @@ def route_label(path: str) -> str:
     return "other"
 
 
-def sse(event: dict) -> str:
-    """One Server-Sent Event: its id (for Last-Event-ID), its type and its JSON data."""
-    return f"id: {event['id']}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
-
-
 logger = logging.getLogger("ray.serve")
-
-# /v1/images/edits reads its body itself (multipart or JSON: deployments.http.edit_body); its schema for the
-# OpenAPI document, as OpenAI documents the route.
-_EDIT_FORM = {
-    "type": "object",
-    "required": ["image", "prompt"],
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
-        "mask": {
-            "type": "string",
-            "format": "binary",
-            "description": "PNG whose transparent pixels mark the area to edit (without alpha: white = edit).",
-        },
-        **{
-            name: schema
-            for name, schema in ImageEditRequest.model_json_schema()["properties"].items()
-            if name not in ("image", "mask")
-        },
-    },
-}
-EDIT_REQUEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": _EDIT_FORM},
-            "application/json": {"schema": ImageEditRequest.model_json_schema()},
-        },
-    }
-}
-
-
-def timings_ms(seconds: dict[str, float]) -> dict[str, float]:
-    """A request's stage timings in milliseconds, in graph order."""
-    return {name: round(seconds[name] * 1000, 1) for name in TIMING_ORDER if name in seconds}
-
-
-def server_timing(seconds: dict[str, float]) -> str:
-    """The Server-Timing header value: `queue;dur=12.5, encode;dur=3.1, ...` (milliseconds).
-    queue: waiting in the denoiser before the first step; denoise: first step to last (paused
-    steps included); encode and decode: time in those stages (their batch waits included)."""
-    return ", ".join(f"{name};dur={ms}" for name, ms in timings_ms(seconds).items())
-
 
 app = FastAPI(
     title="fluxray",
@@ -424,28 +374,9 @@ class Ingress:
         await self._jobs_call(self.jobs.get(self._job_id(job_id)))
         header = request.headers.get("last-event-id", "0").strip()
         after = int(header) if header.isdigit() and len(header) < 10 else 0
-        store = self.jobs.store
-
-        async def stream():
-            nonlocal after
-            try:
-                while True:
-                    for event in await store.events(job_id, after):
-                        yield sse(event)
-                        after = event["id"]
-                        if event["event"] in TERMINAL:
-                            return
-                    record = await self.jobs.get(job_id)  # marks a job whose owner died as failed
-                    if record["status"] in TERMINAL and not await store.events(job_id, after):
-                        return
-                    await store.wait(job_id, after, SSE_KEEPALIVE_S)
-                    if not await store.events(job_id, after):
-                        yield ": keep-alive\n\n"
-            except (JobStoreUnavailable, APIError):
-                return  # the client reconnects with Last-Event-ID
-
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        stream = event_stream(self.jobs, job_id, after, SSE_KEEPALIVE_S)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     @app.post(
         "/generate",

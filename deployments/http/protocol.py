@@ -227,3 +227,33 @@ def to_generation_params(
     if request.loras:
         fields["loras"] = tuple(request.loras)
     return GenerationParams(**fields)
+
+
+# /v1/images/edits reads its body itself (multipart or JSON: deployments.http.edit_body); its schema for the
+# OpenAPI document, as OpenAI documents the route.
+_EDIT_FORM = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG whose transparent pixels mark the area to edit (without alpha: white = edit).",
+        },
+        **{
+            name: schema
+            for name, schema in ImageEditRequest.model_json_schema()["properties"].items()
+            if name not in ("image", "mask")
+        },
+    },
+}
+EDIT_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _EDIT_FORM},
+            "application/json": {"schema": ImageEditRequest.model_json_schema()},
+        },
+    }
+}

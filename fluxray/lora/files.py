@@ -13,7 +13,7 @@ from torch import nn
 
 from fluxray.lora.adapters import MAX_FILE_BYTES, MAX_RANK, LoraAdapter, LoraError
 from fluxray.lora.bank import LoraLinear, linear_like
-from fluxray.sources import PICKLE_SUFFIXES, refuse_pickle
+from fluxray.models.sources import PICKLE_SUFFIXES, refuse_pickle
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 # Projections that diffusers' fuse_qkv_projections replaces by to_qkv / to_added_qkv while keeping the
@@ -57,7 +57,7 @@ def _matches(module: str, pattern: str) -> bool:
 
 def check_lora_file(path: str | Path) -> Path:
     """The path of a LoRA file that may be read: an existing .safetensors within the size cap (a pickle
-    checkpoint is refused by fluxray.sources' rule, UnsafeCheckpointError); LoraError otherwise."""
+    checkpoint is refused by fluxray.models.sources' rule, UnsafeCheckpointError); LoraError otherwise."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path)

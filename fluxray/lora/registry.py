@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fluxray.lora.adapters import MAX_FILE_BYTES, LoraError
-from fluxray.sources import EMBEDDED_LORA_ROOTS
+from fluxray.models.sources import EMBEDDED_LORA_ROOTS
 from fluxray.storage import S3FileError, S3Folder
 
 
@@ -28,7 +28,7 @@ class LoraRegistry:
             except S3FileError as error:
                 raise LoraError(f"lora_root {error}") from None
         elif root:
-            # An embedded model's name is its adapters (`tiny`: fluxray/tiny_loras/); `./tiny` is a directory.
+            # An embedded model's name is its adapters (`tiny`: fluxray/tiny/loras/); `./tiny` is a directory.
             folder = EMBEDDED_LORA_ROOTS.get(str(root), Path(root))
             if not folder.is_dir():
                 raise LoraError(f"lora_root {root}: no such directory")

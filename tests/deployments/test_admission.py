@@ -12,7 +12,7 @@ from deployments.http.admission import admit, budget_param, pixel_work
 from deployments.http.errors import APIError
 from deployments.http.protocol import ImageEditRequest, ImageGenerationRequest
 from fluxray.editing import EditParams
-from fluxray.specs import SPECS
+from fluxray.models.specs import SPECS
 
 BUDGET = 256 * 256 * 8  # the test cluster's guarded app: one 256x256 image at 8 steps
 CONFIG = AppConfig(

@@ -15,8 +15,8 @@ import deployments.stages.denoiser as denoiser_module
 from deployments.stages.denoiser import DenoiserDeployment
 from deployments.stages.messages import EncodedPrompt
 from deployments.stages.request_scheduler import QueueFull
+from fluxray.models.sources import resolve_model
 from fluxray.params import GenerationParams
-from fluxray.sources import resolve_model
 from fluxray.text_encoding import TextEncoder
 
 SOURCE = resolve_model("tiny")

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from fluxray.editing import EditParams
 from fluxray.images import read_metadata
 from fluxray.pipeline import Pipeline
-from fluxray.scenes import Scene, render
+from fluxray.tiny.scenes import Scene, render
 
 PROMPT = "a red circle on the left, blue background"
 STEPS = 4

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fluxray.images import read_metadata
 from fluxray.params import GenerationParams
-from fluxray.scenes import Scene, parse_prompt, read_scene
+from fluxray.tiny.scenes import Scene, parse_prompt, read_scene
 
 STEPS = {"num_inference_steps": 4}
 

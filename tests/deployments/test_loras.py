@@ -102,7 +102,7 @@ def test_bad_lora_requests_name_the_field(cluster, loras, status, words):
 
 def test_an_edit_takes_loras_as_a_json_form_field(cluster, engine):
     from fluxray.editing import EditParams
-    from fluxray.scenes import Scene, render
+    from fluxray.tiny.scenes import Scene, render
 
     image = render(Scene("yellow", "square", "right", "green"), 64, 64)
     data = io.BytesIO()

@@ -19,9 +19,9 @@ from deployments.stages.denoiser import DenoiserDeployment
 from deployments.stages.messages import EncodedPrompt
 from deployments.stages.request_scheduler import OverTokenBudget, request_shape, tokens
 from fluxray.editing import EditParams, prepare_edit, reference_size
+from fluxray.models.sources import resolve_model
+from fluxray.models.specs import SPECS
 from fluxray.params import GenerationParams
-from fluxray.sources import resolve_model
-from fluxray.specs import SPECS
 from fluxray.text_encoding import TextEncoder
 from fluxray.vae import VAEEncoder
 

@@ -14,8 +14,8 @@ from deployments.stages.messages import DecodeRequest
 from deployments.stages.vae_decoder import VAEDecoderDeployment
 from deployments.stages.vae_encoder import VAEEncoderDeployment
 from fluxray.editing import EditInputs
+from fluxray.models.specs import SPECS
 from fluxray.sampling import initial_noise
-from fluxray.specs import SPECS
 
 SIDE = 64
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from fluxray.cli import main
 from fluxray.images import read_metadata
+from fluxray.models.sources import TINY_MODEL_DIR
 from fluxray.params import GenerationParams
-from fluxray.sources import TINY_MODEL_DIR
 
 
 def fluxray(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -158,7 +158,7 @@ def test_models_and_model_path(capsys):
     path = in_process(capsys, "model-path", "tiny")
     assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR)
     path = in_process(capsys, "model-path", "tiny-kontext")
-    assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR.parent / "tiny_kontext")
+    assert path.returncode == 0 and path.stdout.strip() == str(TINY_MODEL_DIR.parent / "kontext")
 
 
 def test_a_prompt_longer_than_clip_reads_is_warned_about(tmp_path, capsys):
@@ -176,7 +176,7 @@ def test_generate_with_an_image_edits_it_as_the_engine_does(tmp_path, tiny_pipel
     from image_checks import max_pixel_diff
 
     from fluxray.editing import EditParams
-    from fluxray.scenes import Scene, render
+    from fluxray.tiny.scenes import Scene, render
 
     scene = render(Scene("yellow", "square", "right", "green"), 96, 64)
     scene.save(tmp_path / "scene.png")

@@ -9,10 +9,10 @@ from image_checks import max_pixel_diff
 from PIL import Image, ImageDraw
 
 from fluxray.editing import EditError, EditParams, edit_method, edit_task, prepare_edit, reference_size
+from fluxray.models.sources import EMBEDDED_MODELS
+from fluxray.models.specs import SPECS
 from fluxray.pipeline import Pipeline
-from fluxray.scenes import Scene, render
-from fluxray.sources import EMBEDDED_MODELS
-from fluxray.specs import SPECS
+from fluxray.tiny.scenes import Scene, render
 
 PROMPT = "a red circle on the left, blue background"
 T5_LEN = SPECS["tiny"].max_sequence_length

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxray.sources import load_transformer_module, resolve_model
+from fluxray.models.sources import load_transformer_module, resolve_model
 from fluxray.speed.flash_attention import FP8_MAX, FA3FluxProcessor, dequantize_heads, quantize_heads, use_fa3
 
 CALLS = []

@@ -34,7 +34,7 @@ def lora_pipeline(loras):
 def peer_image(loras, adapters: dict[str, float], seed: int, **kwargs) -> np.ndarray:
     from diffusers import FluxPipeline
 
-    from fluxray.sources import TINY_MODEL_DIR
+    from fluxray.models.sources import TINY_MODEL_DIR
 
     pipe = FluxPipeline.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -213,12 +213,12 @@ def test_a_quantized_transformer_takes_loras_each_row_its_own_delta(quantize, lo
 
 
 def test_the_embedded_loras_are_what_the_script_makes_and_the_registry_names_them(tiny_loras):
-    """fluxray/tiny_loras/ (what `lora_root: tiny` serves, make serve's config) holds the script's two
+    """fluxray/tiny/loras/ (what `lora_root: tiny` serves, make serve's config) holds the script's two
     adapters, tensor for tensor with their adapter metadata; a directory named like it is still a directory."""
     from safetensors import safe_open
 
     from fluxray.lora import LoraRegistry
-    from fluxray.sources import EMBEDDED_LORA_ROOTS
+    from fluxray.models.sources import EMBEDDED_LORA_ROOTS
 
     registry = LoraRegistry("tiny")
     assert registry.names() == ["style", "subject"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from fluxray.models.specs import SPECS
 from fluxray.params import SEED_LIMIT, GenerationParams, describe_validation_error, parse_size
-from fluxray.specs import SPECS
 
 
 def error_of(**fields) -> str:

@@ -9,8 +9,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
+from fluxray.models.specs import SPECS
 from fluxray.sampling import flow_sigmas, image_ids, initial_noise, latent_size, pack_latents, unpack_latents
-from fluxray.specs import SPECS
 
 
 @pytest.mark.parametrize("spec_name", ["flux-dev", "flux-schnell"])

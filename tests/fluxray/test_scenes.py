@@ -6,7 +6,7 @@ import random
 
 from PIL import Image, ImageFilter
 
-from fluxray.scenes import (
+from fluxray.tiny.scenes import (
     HELD_OUT,
     TRAINING_SCENES,
     Scene,

@@ -16,10 +16,10 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from image_checks import max_pixel_diff
 from safetensors.torch import save_file
 
+from fluxray.models.single_file import bfl_to_diffusers_transformer
+from fluxray.models.sources import TINY_MODEL_DIR, UnsafeCheckpointError, resolve_model
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.single_file import bfl_to_diffusers_transformer
-from fluxray.sources import TINY_MODEL_DIR, UnsafeCheckpointError, resolve_model
 
 PAIRS = [
     ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),

@@ -9,9 +9,7 @@ import pytest
 import torch
 from image_checks import max_pixel_diff
 
-from fluxray.params import GenerationParams
-from fluxray.pipeline import Pipeline
-from fluxray.sources import (
+from fluxray.models.sources import (
     TINY_MODEL_DIR,
     ModelSourceError,
     UnsafeCheckpointError,
@@ -20,6 +18,8 @@ from fluxray.sources import (
     load_vae,
     resolve_model,
 )
+from fluxray.params import GenerationParams
+from fluxray.pipeline import Pipeline
 from fluxray.text_encoding import TextEncoder
 
 
@@ -132,8 +132,8 @@ def test_fill_and_kontext_are_recognised_by_their_files(tmp_path):
     class; BFL single files by their names. The embedded variants resolve by name."""
     import json
 
-    from fluxray.sources import EMBEDDED_MODELS
-    from fluxray.specs import SPECS
+    from fluxray.models.sources import EMBEDDED_MODELS
+    from fluxray.models.specs import SPECS
 
     for name in ("tiny-fill", "tiny-kontext"):
         assert resolve_model(name).spec.name == name and resolve_model(name).root == EMBEDDED_MODELS[name]
@@ -147,7 +147,7 @@ def test_fill_and_kontext_are_recognised_by_their_files(tmp_path):
     assert resolve_model(str(kontext)).spec.name == "flux-kontext"
     index = json.loads((kontext / "model_index.json").read_text())
     assert index["_class_name"] == "FluxKontextPipeline"
-    from fluxray.sources import _spec_of_file_name
+    from fluxray.models.sources import _spec_of_file_name
 
     assert _spec_of_file_name("flux1-fill-dev.safetensors") is SPECS["flux-fill"]
     assert _spec_of_file_name("flux1-kontext-dev.safetensors") is SPECS["flux-kontext"]

@@ -13,10 +13,10 @@ from image_checks import max_pixel_diff
 from pydantic import ValidationError
 
 from fluxray.images import psnr
+from fluxray.models.sources import load_transformer_module, resolve_model
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
 from fluxray.sampling import initial_noise
-from fluxray.sources import load_transformer_module, resolve_model
 from fluxray.speed import SpeedOptionError, SpeedOptions, accelerate_transformer, resolve
 from fluxray.speed.quantization import Float8Linear, Int8WeightOnlyLinear
 from fluxray.transformer import staging_device

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fluxray.sources import resolve_model
+from fluxray.models.sources import resolve_model
 from fluxray.text_encoding import PromptLength
 
 

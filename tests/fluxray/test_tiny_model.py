@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fluxray.sources import TINY_MODEL_DIR
-from fluxray.specs import get_spec
+from fluxray.models.sources import TINY_MODEL_DIR
+from fluxray.models.specs import get_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,13 +104,13 @@ def test_edit_variants_are_what_the_script_makes_and_share_the_frozen_parts(tmp_
     encoders, tokenizers and VAE as they are (one app serves all three with one TextEncoder and VAE)."""
     from diffusers import FluxFillPipeline, FluxKontextPipeline
 
-    from fluxray.sources import EMBEDDED_MODELS
+    from fluxray.models.sources import EMBEDDED_MODELS
 
     shipped = {name: files(EMBEDDED_MODELS[name]) for name in ("tiny-fill", "tiny-kontext")}
     copy = tmp_path / "fluxray"
     import shutil
 
-    shutil.copytree(ROOT / "fluxray", copy, ignore=shutil.ignore_patterns("tiny_fill", "tiny_kontext", "__pycache__"))
+    shutil.copytree(ROOT / "fluxray", copy, ignore=shutil.ignore_patterns("fill", "kontext", "__pycache__"))
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "make_tiny_model.py", tmp_path / "scripts")
     result = subprocess.run(
@@ -122,8 +122,8 @@ def test_edit_variants_are_what_the_script_makes_and_share_the_frozen_parts(tmp_
     )
     assert result.returncode == 0, result.stderr
     base = files(TINY_MODEL_DIR)
-    for name, folder in (("tiny-fill", "tiny_fill"), ("tiny-kontext", "tiny_kontext")):
-        assert files(copy / folder) == shipped[name], name
+    for name, folder in (("tiny-fill", "fill"), ("tiny-kontext", "kontext")):
+        assert files(copy / "tiny" / folder) == shipped[name], name
         for rel, data in shipped[name].items():
             if rel.parts[0] in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
                 assert data == base[rel], (name, rel)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.scenes import HELD_OUT, adherence_rates
+from fluxray.tiny.scenes import HELD_OUT, adherence_rates
 
 PROMPTS = HELD_OUT[:16]
 # What the shipped model reaches on these 16 (seed 0, defaults): background, place and colour 16/16,

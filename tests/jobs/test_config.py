@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fluxray.specs import SPECS
+from fluxray.models.specs import SPECS
 from jobs.config import JobConfig, UsageError, load_config
 from jobs.generate import check_resources, resource_needs
 

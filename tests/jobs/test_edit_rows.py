@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 
 from fluxray.editing import EditParams
 from fluxray.images import image_sha256
+from fluxray.models.specs import SPECS
 from fluxray.pipeline import Pipeline
-from fluxray.scenes import Scene, render
-from fluxray.specs import SPECS
+from fluxray.tiny.scenes import Scene, render
 from jobs.prompts import JobDefaults, make_record
 from jobs.stages import RECORD_SCHEMA, ZERO_TIMES, DecodeStage, DenoiseStage, EncodeStage, WriteStage
 

@@ -205,7 +205,7 @@ def test_edit_rows_read_their_images_from_s3(ray_cluster, tiny_pipeline):
     (exit 1, the reason in the manifest) and a re-run after the image appears completes the job."""
     from fluxray.editing import EditParams
     from fluxray.images import image_sha256
-    from fluxray.scenes import Scene, render
+    from fluxray.tiny.scenes import Scene, render
 
     s3, bucket = ray_cluster.s3(), ray_cluster.bucket
     image = render(Scene("yellow", "square", "right", "green"), 64, 64)

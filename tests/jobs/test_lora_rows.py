@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from fluxray.images import read_metadata
 from fluxray.lora import LoraRegistry, attach_loras, read_lora
+from fluxray.models.specs import SPECS
 from fluxray.params import GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.specs import SPECS
 from jobs.layout import fingerprint
 from jobs.prompts import JobDefaults, make_record
 from jobs.stages import RECORD_SCHEMA, ZERO_TIMES, DecodeStage, DenoiseStage, EncodeStage, WriteStage

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from job_runs import FAST, job, keys, summary
 
-from fluxray.sources import resolve_model
-from fluxray.specs import SPECS
+from fluxray.models.sources import resolve_model
+from fluxray.models.specs import SPECS
 from fluxray.storage import open_storage
 from jobs.layout import metadata_key, model_identity, parse_metadata_key
 from jobs.prompts import JobDefaults, make_record

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from fluxray.sources import TINY_MODEL_DIR, resolve_model
-from fluxray.specs import SPECS
+from fluxray.models.sources import TINY_MODEL_DIR, resolve_model
+from fluxray.models.specs import SPECS
 from fluxray.storage import LocalStorage, split_input_uri
 from jobs.config import UsageError
 from jobs.layout import fingerprint, metadata_key, model_identity, parse_metadata_key

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fluxray.specs import SPECS
+from fluxray.models.specs import SPECS
 from fluxray.storage import LocalStorage, StorageError, split_input_uri
 from jobs.prompts import InputError, JobDefaults, derived_seed, records
 

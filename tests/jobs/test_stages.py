@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fluxray.specs import SPECS
+from fluxray.models.specs import SPECS
 from jobs.layout import metadata_key
 from jobs.prompts import JobDefaults, make_record
 from jobs.stages import (

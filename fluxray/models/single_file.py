@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fluxray.specs import ModelSpec
+from fluxray.models.specs import ModelSpec
 
 _PREFIX = "model.diffusion_model."
 

@@ -27,18 +27,19 @@ from typing import Literal
 
 import torch
 
-from fluxray.single_file import load_bfl_transformer, load_bfl_vae
-from fluxray.specs import SPECS, ModelSpec, get_spec
+from fluxray.models.single_file import load_bfl_transformer, load_bfl_vae
+from fluxray.models.specs import SPECS, ModelSpec, get_spec
 
-TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+TINY_DIR = Path(__file__).resolve().parents[1] / "tiny"  # fluxray/tiny/: the embedded models and LoRAs
+TINY_MODEL_DIR = TINY_DIR / "model"
 # The embedded models, by name: the tiny model and its Fill and Kontext variants (same text encoders and VAE).
 EMBEDDED_MODELS = {
     "tiny": TINY_MODEL_DIR,
-    "tiny-fill": TINY_MODEL_DIR.parent / "tiny_fill",
-    "tiny-kontext": TINY_MODEL_DIR.parent / "tiny_kontext",
+    "tiny-fill": TINY_DIR / "fill",
+    "tiny-kontext": TINY_DIR / "kontext",
 }
 # The embedded LoRAs, by the embedded model they fit: `lora_root: tiny` (scripts/make_tiny_loras.py made them).
-EMBEDDED_LORA_ROOTS = {"tiny": TINY_MODEL_DIR.parent / "tiny_loras"}
+EMBEDDED_LORA_ROOTS = {"tiny": TINY_DIR / "loras"}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
