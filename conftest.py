@@ -1,4 +1,4 @@
-"""The product as shipped, proved by the test command before the suite proper (tests/).
+"""The product as shipped, proved by the test command beside the suite proper (tests/).
 
 1. The run command: a runtime-only venv made by `make install` (the install step of the README's run
    command, no test extras), then `make serve` from it exactly as the README says, waited for until
@@ -13,6 +13,8 @@
        <!-- skip: next "needs a Kubernetes cluster" -->
    tests/as_shipped/test_docs_blocks.py checks every runnable block has a check or a skip.
 
+The in-process tests run first, and the service installs and starts in a thread behind them; then the
+items that use it; then the live tests, once it has stopped (pytest_collection_modifyitems).
 `FLUXRAY_RUN_VENV=<dir>` reuses a runtime venv made earlier (a quicker working loop); by default each
 run makes a fresh one, as a new user's clone does.
 """
@@ -26,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -142,10 +145,36 @@ def _healthz() -> int | None:
 
 _service: ShippedService | None = None
 _failed: str | None = None  # why the service could not start: every item that needs it fails at once
+_starting: tuple[ShippedService, threading.Thread] | None = None  # started behind the in-process tests
+
+
+def _start_in_background() -> None:
+    """Install and start the service in a thread while the in-process tests run (they come first, see
+    pytest_collection_modifyitems): its install waits on the network and its start on process spawns and
+    health checks, time the in-process tests use; shipped_service() waits for it."""
+    global _starting
+    service = ShippedService()
+
+    def start() -> None:
+        global _failed
+        try:
+            service.start()
+        except BaseException as error:  # noqa: BLE001 - pytest.fail's exception too: reported by shipped_service
+            _failed = f"the shipped service did not start: {error}"
+
+    thread = threading.Thread(target=start, name="shipped-service", daemon=True)
+    thread.start()
+    _starting = (service, thread)
 
 
 def shipped_service() -> ShippedService:
-    global _service, _failed
+    global _service, _failed, _starting
+    if _starting is not None:
+        service, thread = _starting
+        thread.join()
+        _starting = None
+        if not _failed:
+            _service = service
     if _failed:
         pytest.fail(_failed, False)
     if _service is None:
@@ -157,6 +186,24 @@ def shipped_service() -> ShippedService:
             raise
         _service = service
     return _service
+
+
+@pytest.hookimpl(trylast=True)  # after tests/conftest.py has marked the live items
+def pytest_collection_modifyitems(items):
+    """The run's order: the in-process tests first (the shipped service installs and starts behind them),
+    then everything that uses the shipped service (the docs' blocks, tests/as_shipped/), then the live
+    tests (their clusters never run beside the service). Each group keeps its collected order."""
+
+    def group(item) -> int:
+        if _needs_service(item):
+            return 1
+        return 2 if item.get_closest_marker("live") else 0
+
+    if not any(_needs_service(item) for item in items):
+        return
+    items.sort(key=group)
+    if group(items[0]) == 0:
+        _start_in_background()
 
 
 @pytest.fixture(scope="session", name="shipped_service")
@@ -179,6 +226,9 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _starting is not None:  # the session ended before an item needed it
+        _starting[1].join()
+        _starting[0].stop()
     if _service is not None:
         _service.stop()
 
