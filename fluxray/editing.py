@@ -38,6 +38,7 @@ from fluxray.sampling import (
     initial_noise,
     latent_size,
     pack_latents,
+    step_cache,
 )
 
 EditMethod = Literal["img2img", "inpaint", "fill", "kontext"]
@@ -292,6 +293,7 @@ def edit_task(
         negative=negative.select([0] * n).to(device, dtype) if negative is not None and params.do_true_cfg else None,
         true_cfg_scale=params.true_cfg_scale,
         loras=tuple(LoraChoice(lora.name, lora.scale) for lora in params.loras),
+        cache=step_cache(params),
     )
     if encoded.method == "kontext":
         reference = pack_latents(_latents(encoded.image_moments, spec, None).to(dtype))

@@ -64,6 +64,22 @@ class LoraRequest(BaseModel):
         return value
 
 
+class CacheRequest(BaseModel):
+    """A request's step cache (fluxray.step_cache): at a step whose first transformer block changed little
+    since the last full step, the image reuses the remaining blocks' output of that step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["first_block"] = Field(default="first_block", description="first_block: FBCache's rule.")
+    threshold: float = Field(
+        default=0.08,
+        gt=0,
+        le=1,
+        description="Largest relative change of the first block's residual at which a step reuses the rest; "
+        "higher skips more steps and strays further from the uncached image.",
+    )
+
+
 class GenerationParams(BaseModel):
     """One text-to-image request: n images of one prompt at one size."""
 
@@ -112,6 +128,7 @@ class GenerationParams(BaseModel):
     loras: tuple[LoraRequest, ...] = Field(
         default=(), max_length=MAX_LORAS, description=f"LoRA adapters and their scales (at most {MAX_LORAS})."
     )
+    cache: CacheRequest | None = Field(default=None, description="Step caching (off when unset).")
 
     @field_validator("loras")
     @classmethod

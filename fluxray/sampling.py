@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TypeVar
 
@@ -22,6 +22,7 @@ from fluxray.embeds import PromptEmbeds
 from fluxray.lora import LoraChoice
 from fluxray.models.specs import ModelSpec
 from fluxray.params import GenerationParams
+from fluxray.step_cache import CachedRows, RowCacheState, StepCache, cached_forward
 
 LATENT_CHANNELS = 16
 T = TypeVar("T")
@@ -128,6 +129,10 @@ class DenoiseTask:
     reference_ids: torch.Tensor | None = None  # (ref_seq, 3)
     blend: InpaintBlend | None = None
     loras: tuple = ()  # fluxray.lora.LoraChoice of its rows (the same for its n images and their CFG rows)
+    # Step caching (fluxray.step_cache): the request's setting and each row's state, by (branch, image):
+    # branch 0 the prompt, 1 true CFG's negative prompt.
+    cache: StepCache | None = None
+    cache_states: dict[tuple[int, int], RowCacheState] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -216,7 +221,7 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
     # FluxPipeline passes timestep t/1000 with t = sigma*1000 cast to the latents' dtype.
     timestep = (sigma_in * 1000).to(dtype).to(device) / 1000
     use_guidance = transformer.config.guidance_embeds
-    velocity = transformer(
+    inputs = dict(
         hidden_states=hidden,
         timestep=timestep,
         guidance=guidance_in.to(device) if use_guidance else None,
@@ -224,8 +229,13 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
         encoder_hidden_states=cond.sequence,
         txt_ids=txt_ids,
         img_ids=img_ids,
-        return_dict=False,
-    )[0][:, :seq]
+    )
+    if any(t.cache is not None for t in active):
+        rows = _cached_rows(active, cfg)
+        velocity = cached_forward(transformer, rows, **inputs, select_rows=_row_selector(transformer, active, cfg))
+    else:
+        velocity = transformer(**inputs, return_dict=False)[0]
+    velocity = velocity[:, :seq]
 
     if cfg:
         positive, negative_rows = velocity[: latents.shape[0]], velocity[latents.shape[0] :]
@@ -243,6 +253,36 @@ def denoise_step(transformer, tasks: Sequence[DenoiseTask], img_ids: torch.Tenso
         if t.blend is not None:
             new = t.blend.apply(new, None if t.done else t.sigmas[t.step])
         t.latents = new
+
+
+def _cached_rows(active: Sequence[DenoiseTask], cfg: Sequence[DenoiseTask]) -> CachedRows:
+    """Each row's threshold and cache state, in the call's row order (every task's rows, then the true-CFG
+    tasks' negative rows); None for the rows of tasks without a cache."""
+    rows = CachedRows([], [])
+    for branch, tasks in ((0, active), (1, cfg)):
+        for task in tasks:
+            for image in range(task.latents.shape[0]):
+                if task.cache is None:
+                    rows.thresholds.append(None)
+                    rows.states.append(None)
+                else:
+                    rows.thresholds.append(task.cache.threshold)
+                    rows.states.append(task.cache_states.setdefault((branch, image), RowCacheState()))
+    return rows
+
+
+def _row_selector(transformer, active: Sequence[DenoiseTask], cfg: Sequence[DenoiseTask]):
+    """For a cached call's sub-batch: tells the LoRA bank (if any) which of the call's rows it holds."""
+    bank = getattr(transformer, "fluxray_loras", None)
+    if bank is None:
+        return None
+    rows = [t.loras for t in active for _ in range(t.latents.shape[0])]
+    rows += [t.loras for t in cfg for _ in range(t.latents.shape[0])]
+
+    def select(indices: Sequence[int] | None) -> None:
+        bank.select(rows if indices is None else [rows[i] for i in indices])
+
+    return select
 
 
 def _select_loras(transformer, active: Sequence[DenoiseTask], cfg: Sequence[DenoiseTask]) -> None:
@@ -275,6 +315,11 @@ def denoise(
             on_step()
 
 
+def step_cache(params: GenerationParams) -> StepCache | None:
+    """The request's step cache (fluxray.step_cache), None when it asks for none."""
+    return None if params.cache is None else StepCache(params.cache.method, params.cache.threshold)
+
+
 def denoise_task(
     params: GenerationParams,
     embeds: PromptEmbeds,
@@ -299,4 +344,5 @@ def denoise_task(
         negative=negative.select(rows).to(device, dtype) if negative is not None and params.do_true_cfg else None,
         true_cfg_scale=params.true_cfg_scale,
         loras=tuple(LoraChoice(lora.name, lora.scale) for lora in params.loras),
+        cache=step_cache(params),
     )
