@@ -12,7 +12,7 @@ from image_checks import diffusers_image, max_pixel_diff
 
 from fluxray.params import CacheRequest, GenerationParams
 from fluxray.pipeline import Pipeline
-from fluxray.sampling import denoise, denoise_task, denoise_step, image_ids, text_ids
+from fluxray.sampling import denoise, denoise_step, denoise_task, image_ids, text_ids
 
 PROMPT = "a red circle on the left, blue background"
 KW = dict(width=128, height=128, num_inference_steps=16)
@@ -98,9 +98,7 @@ def test_true_cfg_branches_keep_their_own_state_and_a_paused_task_resumes_its_ca
     txt = text_ids(mine.embeds.sequence.shape[1])
     for step in range(16):
         denoise_step(pipeline.transformer, [mine, other] if 6 <= step < 10 else [mine], img, txt)
-    assert {k: s.skipped for k, s in mine.cache_states.items()} == {
-        k: s.skipped for k, s in task.cache_states.items()
-    }
+    assert {k: s.skipped for k, s in mine.cache_states.items()} == {k: s.skipped for k, s in task.cache_states.items()}
     assert max_pixel_diff(pixels(pipeline, mine, cfg)[0], alone[0]) <= 1
 
 
@@ -110,3 +108,26 @@ def test_the_cache_request_is_validated():
     with pytest.raises(ValueError, match="method"):
         CacheRequest(method="teacache")
     assert GenerationParams(prompt="x").cache is None
+
+
+def test_rows_with_loras_keep_their_adapters_in_the_sub_batch(tiny_loras):
+    """The rows that compute run the remaining blocks as a sub-batch: the LoRA bank is told which rows it
+    holds, so each keeps its own adapter (a batch where one cached row skips and the others compute)."""
+    from fluxray.lora import attach_loras, read_lora
+
+    pipeline = Pipeline.load("tiny", device="cpu")
+    bank = attach_loras(pipeline.transformer, max_per_row=2, max_rank=8)
+    for name in ("style", "subject"):
+        bank.add(read_lora(tiny_loras / f"{name}.safetensors", pipeline.transformer))
+    requests = [
+        params(1, loras=[{"name": "style", "scale": 1.0}]),
+        params(2, cache=None, loras=[{"name": "subject", "scale": 0.8}]),
+        params(3, cache=0.15),
+    ]
+    alone = [run(pipeline, [request])[1][0] for request in requests]
+    tasks, together = run(pipeline, requests)
+    assert tasks[0].cache_states[(0, 0)].skipped > tasks[2].cache_states[(0, 0)].skipped
+    for a, b in zip(alone, together):
+        assert max_pixel_diff(a, b) <= 1
+    plain = run(pipeline, [params(1)])[1][0]
+    assert max_pixel_diff(plain, alone[0]) > 2  # the adapter is applied under the cache
