@@ -31,8 +31,7 @@ from deployments.stages.messages import DenoisedLatents, EncodedPrompt
 from deployments.stages.request_scheduler import Job, QueueFull, Scheduler, request_shape
 from deployments.warmup import timed, warm_denoiser
 from fluxray.editing import EncodedEdit, edit_task
-from fluxray.lora import LoraError, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora.residency import HostCache, LoraResidency, make_room
+from fluxray.lora import AdapterLoader, LoraError, LoraRegistry, LoraSlots
 from fluxray.params import GenerationParams, parse_size
 from fluxray.preview import preview_latents
 from fluxray.runtime import stage_runtime
@@ -73,22 +72,21 @@ class DenoiserDeployment:
         self.source, self.device, self.dtype = stage_runtime(*self.config.runtime)
         # LoRAs: loaded on first use in a thread of their own (the step loop goes on meanwhile), kept up to
         # max_resident_loras, least recently used evicted once no request holds it.
-        self.lora_registry = LoraRegistry(self.config.lora_root, self.config.loras)
-        slots = None
-        if self.lora_registry:
-            options = self.config
+        registry = LoraRegistry(self.config.lora_root, self.config.loras)
+        options, slots = self.config, None
+        if registry:
             slots = LoraSlots(options.max_loras_per_request, options.max_lora_rank, options.max_resident_loras)
         self.transformer = load_transformer(self.source, self.device, self.dtype, self.config.speed, slots)
-        self.lora_bank = getattr(self.transformer, "fluxray_loras", None)
+        self.loras = AdapterLoader(
+            self.transformer, registry, options.max_lora_rank, options.max_resident_loras, options.lora_host_cache_bytes
+        )
         if self.config.warm_up:
             width, height = parse_size(self.config.default_size)
             spec = self.source.spec
             timed("Denoiser", lambda: warm_denoiser(self.transformer, spec, height, width, self.device, self.dtype))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="denoise")
         self.lora_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
-        self.lora_loading: dict[str, asyncio.Future] = {}
-        self.lora_residency = LoraResidency(self.config.max_resident_loras)
-        self.lora_host = HostCache(self.config.lora_host_cache_bytes)
+        self.lora_loading: dict[str, asyncio.Future] = {}  # reads in flight, one per adapter
         self.scheduler = Scheduler(
             policy=self.config.scheduler,
             max_batch_tokens=self.config.denoiser_max_batch_tokens,
@@ -202,36 +200,31 @@ class DenoiserDeployment:
         return key
 
     async def _load_loras(self, params: GenerationParams) -> None:
-        """The request's adapters in the bank: loaded (off the step loop) if they are not."""
+        """The request's adapters in the bank: read (off the step loop, in the loader thread) if they are
+        neither resident nor in host memory."""
         if not params.loras:
             return
-        if self.lora_bank is None:
+        if self.loras.bank is None:
             raise LoraError("this server has no LoRAs")
         if serve.get_multiplexed_model_id():
             await self._adapter_set(serve.get_multiplexed_model_id())
         loop = asyncio.get_running_loop()
-        self.lora_residency.touch([lora.name for lora in params.loras], time.monotonic())
+        self.loras.touch(lora.name for lora in params.loras)
         for lora in params.loras:
-            if lora.name in self.lora_bank.adapters:
+            if self.loras.resident(lora.name):
                 continue
-            # One load per adapter however many requests wait for it; one evicted earlier comes back
+            # One read per adapter however many requests wait for it; one evicted earlier comes back
             # from host memory.
             loading = self.lora_loading.get(lora.name)
-            adapter = self.lora_host.take(lora.name) if loading is None else None
+            adapter = self.loras.from_host(lora.name) if loading is None else None
             if adapter is None:
                 if loading is None:
-                    loading = asyncio.ensure_future(loop.run_in_executor(self.lora_loader, self._read_lora, lora.name))
+                    loading = asyncio.ensure_future(loop.run_in_executor(self.lora_loader, self.loras.read, lora.name))
                     loading.add_done_callback(lambda _, name=lora.name: self.lora_loading.pop(name, None))
                     self.lora_loading[lora.name] = loading
                 adapter = await asyncio.shield(loading)
-            if lora.name not in self.lora_bank.adapters:
-                held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras}
-                make_room(self.lora_bank, self.lora_residency, self.lora_host, held | {x.name for x in params.loras})
-                self.lora_bank.add(adapter)
-
-    def _read_lora(self, name: str):
-        """In the loader thread: the adapter's file (fetched first when it is on S3), read against the model."""
-        return read_lora(self.lora_registry.path(name), self.transformer, name, self.config.max_lora_rank)
+            held = {c.name for job in self.scheduler.jobs for c in job.payload.task.loras}
+            self.loras.install(adapter, held | {x.name for x in params.loras})
 
     def _ahead(self, jobs: list[Job]) -> tuple[int, float]:
         """A request's queue position (its least, over its parts) and seconds until its last part is done."""

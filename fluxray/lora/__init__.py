@@ -1,7 +1,7 @@
 """LoRA adapters on the transformer, chosen per row: requests with different adapters share one transformer
 call, each row getting its own low-rank deltas on top of the shared base matmul (punica / S-LoRA style).
 The package: `adapters` (the shared types), `files` (reading one), `bank` (the slots and the wrapped
-Linears), `registry` (the names a server may load), `residency` (which stay loaded).
+Linears), `registry` (the names a server may load), `residency` (which stay loaded), `loader` (bringing them in).
 
 Files are read by diffusers' own `FluxLoraLoaderMixin.lora_state_dict`, which converts the FLUX LoRA layouts
 in the wild (diffusers/PEFT, kohya sd-scripts, XLabs, BFL control, fal Kontext) to diffusers' keys; fluxray
@@ -29,6 +29,7 @@ from fluxray.lora.adapters import (
 )
 from fluxray.lora.bank import LoraBank, LoraLinear, attach_loras, linear_like, wrap_targets
 from fluxray.lora.files import check_lora_file, read_lora
+from fluxray.lora.loader import AdapterLoader
 from fluxray.lora.registry import LoraRegistry
 from fluxray.lora.residency import HostCache, LoraResidency, make_room
 
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_LORAS_PER_ROW",
     "MAX_RANK",
+    "AdapterLoader",
     "HostCache",
     "LoraAdapter",
     "LoraBank",

@@ -4,15 +4,13 @@ recently used ones evicted, kept on the host)."""
 from __future__ import annotations
 
 import json
-import time
 
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fluxray.editing import edit_task
 from fluxray.embeds import PromptEmbeds
-from fluxray.lora import MAX_LORAS_PER_ROW, LoraRegistry, LoraSlots, read_lora
-from fluxray.lora.residency import HostCache, LoraResidency, make_room
+from fluxray.lora import MAX_LORAS_PER_ROW, AdapterLoader, LoraRegistry, LoraSlots
 from fluxray.runtime import stage_runtime
 from fluxray.sampling import denoise, denoise_task, group_by_size
 from fluxray.speed import SpeedOptions
@@ -46,27 +44,16 @@ class DenoiseStage(Stage):
         endpoint_url: str | None = None,
     ):
         self.source, self.device, self.dtype = stage_runtime(model, device, dtype, threads)
-        self.lora_registry = LoraRegistry(lora_root, endpoint_url=endpoint_url) if lora_root else None
+        registry = LoraRegistry(lora_root, endpoint_url=endpoint_url) if lora_root else None
         slots = LoraSlots(MAX_LORAS_PER_ROW, max_lora_rank, max_resident_loras) if lora_root else None
         self.transformer = load_transformer(self.source, self.device, self.dtype, speed, slots)
         self.output_format = output_format
-        self.max_lora_rank, self.lora_residency = max_lora_rank, LoraResidency(max_resident_loras)
-        self.lora_host = HostCache(LORA_HOST_CACHE_BYTES)
+        self.loras = AdapterLoader(self.transformer, registry, max_lora_rank, max_resident_loras, LORA_HOST_CACHE_BYTES)
 
     def _load_loras(self, rows: list[dict]) -> None:
         """The adapters these rows name, loaded (least recently used ones evicted, never one of these rows');
         a file that cannot be used raises LoraError, which fails the rows that name it."""
-        names = {lora["name"] for row in rows for lora in json.loads(row["loras"] or "[]")}
-        if not names:
-            return
-        bank = self.transformer.fluxray_loras
-        self.lora_residency.touch(names, time.monotonic())
-        for name in sorted(names - set(bank.adapters)):
-            adapter = self.lora_host.take(name) or read_lora(
-                self.lora_registry.path(name), self.transformer, name, self.max_lora_rank
-            )
-            make_room(bank, self.lora_residency, self.lora_host, held=names)
-            bank.add(adapter)
+        self.loras.ensure({lora["name"] for row in rows for lora in json.loads(row["loras"] or "[]")})
 
     def _task(self, row: dict):
         tensors = load_tensors(row["embeds"])

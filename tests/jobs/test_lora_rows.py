@@ -121,9 +121,9 @@ def test_rows_with_different_loras_in_one_batch_make_the_engines_images(lora_roo
     (again,) = run(stage, [record(10, loras="style2")], tmp_path / "again")
     assert again["status"] == "written"
     assert set(stage.transformer.fluxray_loras.adapters) == {"style", "style2"}
-    assert set(stage.lora_host.items) == {"subject", "ink-kohya"}  # evicted from the device, kept on the host
+    assert set(stage.loras.host.items) == {"subject", "ink-kohya"}  # evicted from the device, kept on the host
     (back,) = run(stage, [record(11, loras="subject=1.2;ink-kohya=0.5")], tmp_path / "back")
-    assert "subject" in stage.transformer.fluxray_loras.adapters and "subject" not in stage.lora_host.items
+    assert "subject" in stage.transformer.fluxray_loras.adapters and "subject" not in stage.loras.host.items
     got = np.asarray(Image.open(tmp_path / "back" / back["image"]).convert("RGB"))
     # The same row as out[1], alone now and in a batch of three then: equal up to the batch's float order
     # (1/255; a lost or wrong adapter moves pixels by more than 4, as above).
